@@ -1,0 +1,64 @@
+"""Checkpoints: written atomically, read with weights_only=True, checked before use."""
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says why and what to do, in one line."""
+
+
+def save_checkpoint(ckpt, path):
+    """Write to a temp file in the same folder, fsync, then rename over path.
+
+    A crash at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **ckpt}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, arch=None, map_location="cpu"):
+    """Load and validate a checkpoint dict; raise CheckpointError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at '{path}'; train one first (python train.py "
+                              f"--out_dir={path.parent})")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"'{path}' holds objects that are not plain tensors and values, "
+                              f"refused for safety (weights_only=True): {first}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated or corrupt?): "
+                              f"{first}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise CheckpointError(f"'{path}' is not a BitGPT training checkpoint")
+    version = ckpt.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"'{path}' has checkpoint format version {version}, this code reads "
+                              f"version {FORMAT_VERSION}; use the BitGPT version that wrote it")
+    if arch is not None and ckpt.get("arch") != arch:
+        raise CheckpointError(f"'{path}' holds a '{ckpt.get('arch')}' model, not '{arch}'; "
+                              f"use --arch={ckpt.get('arch')} or another out_dir")
+    return ckpt

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real Tiny Shakespeare corpus (offline copy) and tiny training configs.
+
+The corpus comes from $TINYSHAKESPEARE_PATH, else ../shared/data/tinyshakespeare/input.txt beside
+the repo; tests that need it skip, saying so, when neither exists. GPT-2 BPE tests use the offline
+tiktoken cache in ../shared/tiktoken when TIKTOKEN_CACHE_DIR is not set.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared"
+
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
+
+
+def corpus_path():
+    env = os.environ.get("TINYSHAKESPEARE_PATH")
+    if env and Path(env).is_file():
+        return Path(env)
+    local = SHARED / "data" / "tinyshakespeare" / "input.txt"
+    return local if local.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    path = corpus_path()
+    if path is None:
+        pytest.skip("Tiny Shakespeare not found: set TINYSHAKESPEARE_PATH or put ../shared beside "
+                    "the repo")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(corpus, tmp_path_factory):
+    """A data_dir holding shakespeare_char prepared from the local corpus."""
+    from data.shakespeare_char.prepare import prepare
+    root = tmp_path_factory.mktemp("data")
+    prepare(root / "shakespeare_char", corpus)
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(data_dir, tmp_path):
+    """A resolved training config for a ~30k-parameter model that trains in seconds on CPU."""
+    from train import DEFAULTS, resolve
+    cfg = dict(DEFAULTS, out_dir=str(tmp_path / "out"), data_dir=str(data_dir), device="cpu",
+               compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
+               max_iters=20, lr_decay_iters=20, warmup_iters=5, eval_interval=10, eval_iters=2,
+               log_interval=5)
+    return resolve(cfg)

@@ -1,0 +1,85 @@
+"""The config system: files, --key=value, type checks and one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from configurator import ConfigError, parse_args
+from tests.conftest import ROOT
+
+DEFAULTS = dict(learning_rate=1e-3, n_layer=4, compile="auto", device="auto", bitlinear=True,
+                out_dir="out", start="\n")
+
+
+def test_overrides_are_literals_checked_against_defaults():
+    cfg = parse_args(DEFAULTS, ["--n_layer=6", "--learning_rate=3e-4", "--bitlinear=False",
+                                "--compile=False", "--device=cpu", "--start=123"])
+    assert cfg["n_layer"] == 6 and cfg["learning_rate"] == 3e-4 and cfg["bitlinear"] is False
+    assert cfg["compile"] is False and cfg["device"] == "cpu"
+    assert cfg["start"] == "123"  # string keys keep the text
+    assert parse_args(DEFAULTS, ["--learning_rate=1"])["learning_rate"] == 1.0  # int -> float
+
+
+def test_unknown_key_names_close_matches():
+    with pytest.raises(ConfigError, match="unknown config key 'learnig_rate'.*'learning_rate'"):
+        parse_args(DEFAULTS, ["--learnig_rate=1e-3"])
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(ConfigError, match="'n_layer' wants int.*float 4.5"):
+        parse_args(DEFAULTS, ["--n_layer=4.5"])
+    with pytest.raises(ConfigError, match="'bitlinear' wants bool"):
+        parse_args(DEFAULTS, ["--bitlinear=1"])
+
+
+def test_config_file_values_and_checks(tmp_path):
+    good = tmp_path / "good.py"
+    good.write_text("import math\nn_layer = 2 * 3  # arithmetic is allowed\nout_dir = 'x'\n")
+    cfg = parse_args(DEFAULTS, [str(good), "--n_layer=8"])
+    assert cfg["n_layer"] == 8 and cfg["out_dir"] == "x"  # later arguments win
+    bad = tmp_path / "bad.py"
+    bad.write_text("n_layers = 2\n")
+    with pytest.raises(ConfigError, match="bad.py: unknown config key 'n_layers'.*'n_layer'"):
+        parse_args(DEFAULTS, [str(bad)])
+    with pytest.raises(ConfigError, match="not found"):
+        parse_args(DEFAULTS, [str(tmp_path / "missing.py")])
+
+
+def test_every_shipped_config_file_is_valid():
+    from train import DEFAULTS as TRAIN_DEFAULTS
+    files = sorted((ROOT / "configs").glob("*.py"))
+    assert files
+    for f in files:
+        parse_args(TRAIN_DEFAULTS, [str(f)])
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_error_is_one_line_before_any_work():
+    r = run("train.py", "--bacth_size=4")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: unknown config key 'bacth_size' (did you mean 'batch_size'")
+    assert r.stdout == ""  # nothing started
+
+
+def test_help_lists_every_key_with_its_default():
+    from train import DEFAULTS as TRAIN_DEFAULTS
+    r = run("train.py", "--help")
+    assert r.returncode == 0
+    for key, value in TRAIN_DEFAULTS.items():
+        assert f"--{key}" in r.stdout and repr(value) in r.stdout
+
+
+def test_derived_settings_are_decided_after_overrides():
+    from train import DEFAULTS as TRAIN_DEFAULTS
+    from train import resolve
+    cfg = resolve(parse_args(TRAIN_DEFAULTS, ["--device=cpu"]))
+    assert cfg["dtype"] == "float32" and cfg["compile"] is False
+    with pytest.raises(ConfigError, match="not divisible"):
+        resolve(parse_args(TRAIN_DEFAULTS, ["--device=cpu", "--n_embd=100", "--n_head=3"]))

@@ -1,0 +1,32 @@
+"""Prepare scripts on the local Tiny Shakespeare copy: sizes and exact round trips."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+
+def test_shakespeare_char(corpus, data_dir):
+    folder = data_dir / "shakespeare_char"
+    train = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    val = np.fromfile(folder / "val.bin", dtype=np.uint16)
+    meta = pickle.loads((folder / "meta.pkl").read_bytes())
+    assert (len(train), len(val), meta["vocab_size"]) == (1_003_854, 111_540, 65)
+    text = "".join(meta["itos"][int(i)] for i in np.concatenate([train, val]))
+    assert text == corpus.read_text(encoding="utf-8")
+
+
+def test_shakespeare_gpt2(corpus, tmp_path):
+    tiktoken = pytest.importorskip("tiktoken")
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network and no cache
+        pytest.skip(f"GPT-2 BPE files unavailable offline ({e}); set TIKTOKEN_CACHE_DIR")
+    from data.shakespeare.prepare import prepare
+    prepare(tmp_path, corpus)
+    train = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
+    val = np.fromfile(tmp_path / "val.bin", dtype=np.uint16)
+    assert (len(train), len(val)) == (301_966, 36_059)
+    text = corpus.read_text(encoding="utf-8")
+    n = int(len(text) * 0.9)
+    assert enc.decode(train.tolist()) == text[:n] and enc.decode(val.tolist()) == text[n:]

@@ -1,0 +1,376 @@
+"""Train a BitNet b1.58 language model (or its full-precision twin): the one training loop.
+
+    python train.py                                    # ternary GPT on shakespeare_char
+    python train.py configs/train_shakespeare_char.py --device=cpu --bitlinear=False
+    torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py
+
+Every key below can be set by a config file or --key=value (python train.py --help lists them).
+"""
+
+import json
+import math
+import os
+import pickle
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from configurator import ConfigError, configure
+from models import ARCHS, build_model, model_args
+
+DEFAULTS = dict(
+    # I/O
+    out_dir="out",
+    eval_interval=250,
+    log_interval=10,
+    eval_iters=100,
+    eval_only=False,
+    always_save_checkpoint=True,  # False: save only when val loss improves
+    init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    # logging
+    wandb_log=False,
+    wandb_project="bitgpt",
+    wandb_run_name="run",
+    # data
+    data_dir="data",
+    dataset="shakespeare_char",
+    gradient_accumulation_steps=1,  # summed over all processes
+    batch_size=12,  # per process and micro-step
+    block_size=64,
+    # model
+    arch="gpt",
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    dropout=0.0,
+    bias=False,
+    bitlinear=True,  # ternary BitLinear layers; False builds the same model with nn.Linear
+    bit_norm=False,  # RMSNorm inside each BitLinear (the FAQ reference layout)
+    # AdamW and the learning-rate schedule
+    learning_rate=1e-3,
+    max_iters=2000,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.99,
+    grad_clip=1.0,  # 0 disables clipping
+    decay_lr=True,  # cosine decay to min_lr after a linear warmup
+    warmup_iters=100,
+    lr_decay_iters=2000,
+    min_lr=1e-4,
+    # system
+    backend="nccl",  # DDP backend: 'nccl' on GPUs, 'gloo' on CPUs
+    device="auto",  # 'auto' picks cuda, else mps, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype="auto",  # 'auto': bfloat16 on GPUs that have it, else float16 on cuda, else float32
+    compile="auto",  # torch.compile; 'auto' means on for cuda, off elsewhere
+    seed=1337,
+)
+
+
+def resolve_device(device="auto", dtype="auto"):
+    """'auto' device: cuda, else mps, else cpu. 'auto' dtype: bfloat16 where the GPU has it,
+    float16 on other GPUs, float32 elsewhere. Returns (device, dtype) or raises ConfigError."""
+    if device == "auto":
+        device = ("cuda" if torch.cuda.is_available()
+                  else "mps" if torch.backends.mps.is_available() else "cpu")
+    device_type = device.split(":")[0]
+    if device_type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device '{device}' is not one of auto, cpu, cuda, cuda:N, mps")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' asked for but no CUDA GPU is visible; use --device=cpu")
+    if dtype == "auto":
+        dtype = ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported()
+                 else "float16" if device_type == "cuda" else "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype '{dtype}' is not one of auto, float32, bfloat16, float16")
+    return device, dtype
+
+
+def resolve(cfg):
+    """Decide the settings derived from others (device, dtype, compile), after all overrides."""
+    cfg["device"], cfg["dtype"] = resolve_device(cfg["device"], cfg["dtype"])
+    device_type = cfg["device"].split(":")[0]
+    if cfg["compile"] == "auto":
+        cfg["compile"] = device_type == "cuda"
+    if not isinstance(cfg["compile"], bool):
+        raise ConfigError(f"compile wants True, False or 'auto', got {cfg['compile']!r}")
+    if cfg["arch"] not in ARCHS:
+        raise ConfigError(f"arch '{cfg['arch']}' is not one of {', '.join(ARCHS)}")
+    if cfg["init_from"] not in ("scratch", "resume"):
+        raise ConfigError(f"init_from '{cfg['init_from']}' is not 'scratch' or 'resume'")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise ConfigError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")
+    return cfg
+
+
+class Data:
+    """Random windows of a tokenized dataset: data_dir/dataset/{train,val}.bin (+ meta.pkl)."""
+
+    def __init__(self, cfg, device, seed):
+        self.folder = Path(cfg["data_dir"]) / cfg["dataset"]
+        self.block_size, self.batch_size, self.device = cfg["block_size"], cfg["batch_size"], device
+        self.ensure_prepared(cfg)
+        self.meta = None
+        if (self.folder / "meta.pkl").exists():
+            with open(self.folder / "meta.pkl", "rb") as f:
+                self.meta = pickle.load(f)
+        self.generator = torch.Generator().manual_seed(seed)  # checkpointed, for exact resume
+
+    def ensure_prepared(self, cfg):
+        if (self.folder / "train.bin").exists() and (self.folder / "val.bin").exists():
+            return
+        prepare_py = Path(__file__).parent / "data" / cfg["dataset"] / "prepare.py"
+        if cfg["dataset"] in ("shakespeare_char", "shakespeare"):  # small: prepare on the fly
+            import importlib
+            importlib.import_module(f"data.{cfg['dataset']}.prepare").prepare(self.folder)
+        elif prepare_py.exists():
+            raise ConfigError(f"dataset '{cfg['dataset']}' is not prepared in {self.folder}; "
+                              f"run: python {prepare_py.relative_to(Path(__file__).parent)}")
+        else:
+            raise ConfigError(f"no dataset '{cfg['dataset']}' in {self.folder.parent} and no "
+                              f"data/{cfg['dataset']}/prepare.py to make it")
+
+    def batch(self, split, generator=None):
+        # a fresh memmap per batch avoids a memory leak (as nanoGPT notes)
+        data = np.memmap(self.folder / f"{split}.bin", dtype=np.uint16, mode="r")
+        ix = torch.randint(len(data) - self.block_size, (self.batch_size,),
+                           generator=generator or self.generator)
+        T = self.block_size
+        x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in ix])
+        if self.device.startswith("cuda"):
+            return (x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True))
+        return x.to(self.device), y.to(self.device)
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters."""
+    if not cfg["decay_lr"]:
+        return cfg["learning_rate"]
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+    if it > cfg["lr_decay_iters"]:
+        return cfg["min_lr"]
+    ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] -
+                                                                        cfg["min_lr"])
+
+
+@torch.no_grad()
+def estimate_loss(model, data, cfg, ctx):
+    """Mean loss over eval_iters batches per split; the same batches at every evaluation."""
+    out = {}
+    model.eval()
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+        losses = torch.zeros(cfg["eval_iters"])
+        for k in range(cfg["eval_iters"]):
+            x, y = data.batch(split, gen)
+            with ctx:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between steps, saves, and exits cleanly."""
+
+    def __enter__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
+def setup_distributed(cfg):
+    """DDP under torchrun: (rank, local_rank, world_size); (0, 0, 1) when not distributed."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 0, 1
+    from torch.distributed import init_process_group
+    init_process_group(backend=cfg["backend"])
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if cfg["device"].startswith("cuda"):
+        cfg["device"] = f"cuda:{local_rank}"
+        torch.cuda.set_device(cfg["device"])
+    if cfg["gradient_accumulation_steps"] % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} does "
+                          f"not divide across {world_size} processes")
+    cfg["gradient_accumulation_steps"] //= world_size
+    return rank, local_rank, world_size
+
+
+class Trainer:
+    """One training run: model, optimizer and data, with evaluate / save / step / run."""
+
+    def __init__(self, cfg):
+        self.rank, _, self.world_size = setup_distributed(cfg)
+        self.master = self.rank == 0
+        self.cfg, self.device = cfg, cfg["device"]
+        device_type = self.device.split(":")[0]
+        torch.manual_seed(cfg["seed"] + self.rank)
+        self.out_dir = Path(cfg["out_dir"])
+        self.data = Data(cfg, self.device, cfg["seed"] + self.rank)
+        ckpt = None
+        if cfg["init_from"] == "resume":
+            ckpt = load_checkpoint(self.out_dir / "ckpt.pt", arch=cfg["arch"])
+            cfg.update(ckpt["model_args"])  # the model's shape comes from the checkpoint
+        self.args = model_args(cfg["arch"], cfg)
+        self.args["vocab_size"] = self.data.meta["vocab_size"] if self.data.meta else 50304
+        self.raw_model = build_model(cfg["arch"], self.args)
+        if ckpt:
+            self.raw_model.load_state_dict(ckpt["model"])
+        self.raw_model.to(self.device)
+        ptdtype = getattr(torch, cfg["dtype"])
+        self.ctx = (nullcontext() if ptdtype == torch.float32
+                    else torch.autocast(device_type=device_type, dtype=ptdtype))
+        self.scaler = torch.amp.GradScaler(device_type, enabled=cfg["dtype"] == "float16")
+        self.optimizer = self.raw_model.configure_optimizers(
+            cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type)
+        self.iter_num, self.best_val_loss = 0, float("inf")
+        if ckpt:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            self.data.generator.set_state(ckpt["rng"]["data"])
+        self.model = torch.compile(self.raw_model) if cfg["compile"] else self.raw_model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [int(self.device.split(":")[1])] if device_type == "cuda" else None
+            self.model = DDP(self.model, device_ids=ids)
+        self.tokens_per_iter = (cfg["gradient_accumulation_steps"] * self.world_size
+                                * cfg["batch_size"] * cfg["block_size"])
+
+    def save(self, val_loss):
+        save_checkpoint({
+            "arch": self.cfg["arch"], "model_args": self.args, "config": self.cfg,
+            "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "iter_num": self.iter_num,
+            "best_val_loss": self.best_val_loss, "val_loss": val_loss, "meta": self.data.meta,
+            "rng": {"torch": torch.get_rng_state(), "data": self.batch_state},
+        }, self.out_dir / "ckpt.pt")
+
+    def evaluate(self):
+        """Estimate losses, log them, and save a checkpoint when due (on the master only)."""
+        losses = estimate_loss(self.model, self.data, self.cfg, self.ctx)
+        if not self.master:
+            return losses
+        self.bar.write(f"step {self.iter_num}: train loss {losses['train']:.4f}, "
+                       f"val loss {losses['val']:.4f}")
+        self.metrics.write(json.dumps({
+            "step": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter,
+            "train_loss": losses["train"], "val_loss": losses["val"],
+            "lr": get_lr(self.iter_num, self.cfg), "time": time.time() - self.t_start}) + "\n")
+        self.metrics.flush()
+        improved = losses["val"] < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, losses["val"])
+        if self.iter_num > 0 and (improved or self.cfg["always_save_checkpoint"]):
+            self.save(losses["val"])
+        return losses
+
+    def next_batch(self):
+        self.batch_state = self.data.generator.get_state()  # a resume redraws this same batch
+        self.x, self.y = self.data.batch("train")
+
+    def step(self):
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns the loss."""
+        lr = get_lr(self.iter_num, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = self.cfg["gradient_accumulation_steps"]
+        for micro_step in range(accum):
+            if self.world_size > 1:  # sync gradients on the last micro-step only
+                self.model.require_backward_grad_sync = micro_step == accum - 1
+            with self.ctx:
+                _, loss = self.model(self.x, self.y)
+                loss = loss / accum
+            self.next_batch()  # fetch the next batch while the GPU works
+            self.scaler.scale(loss).backward()
+        if self.cfg["grad_clip"] > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.iter_num += 1
+        return loss, lr
+
+    def run(self):
+        """Train to max_iters (or a stop signal); returns the last {'train', 'val'} losses."""
+        cfg, master = self.cfg, self.master
+        if master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            kind = "ternary (BitLinear)" if cfg["bitlinear"] else "float (nn.Linear)"
+            print(f"{cfg['arch']} {kind}: {self.raw_model.get_num_params() / 1e6:.2f}M parameters;"
+                  f" device {self.device}, dtype {cfg['dtype']}, compile {cfg['compile']}, "
+                  f"{self.world_size} process(es)")
+            self.metrics = open(self.out_dir / "metrics.jsonl", "a" if self.iter_num else "w")
+        self.t_start = time.time()
+        self.bar = tqdm(total=cfg["max_iters"], initial=self.iter_num, disable=not master,
+                        dynamic_ncols=True, desc="train")
+        self.next_batch()
+        losses = None
+        with StopFlag() as stop:
+            while True:
+                if self.iter_num % cfg["eval_interval"] == 0 or self.iter_num >= cfg["max_iters"]:
+                    losses = self.evaluate()
+                if self.iter_num >= cfg["max_iters"] or cfg["eval_only"]:
+                    break
+                if stop.signal:
+                    if master:
+                        self.save(losses["val"] if losses else float("nan"))
+                        self.bar.write(f"{stop.signal}: saved {self.out_dir / 'ckpt.pt'} at step "
+                                       f"{self.iter_num}; resume: the same command plus "
+                                       f"--init_from=resume")
+                    break
+                loss, lr = self.step()
+                self.bar.update(1)
+                if self.iter_num % cfg["log_interval"] == 0 and master:
+                    accum = cfg["gradient_accumulation_steps"]
+                    self.bar.set_postfix(loss=f"{loss.item() * accum:.4f}", lr=f"{lr:.2e}")
+        self.bar.close()
+        if master:
+            self.metrics.close()
+            print(f"done: {self.iter_num} steps in {time.time() - self.t_start:.1f}s; final val "
+                  f"loss {losses['val']:.4f}; checkpoint {self.out_dir / 'ckpt.pt'}")
+        if self.world_size > 1:
+            from torch.distributed import destroy_process_group
+            destroy_process_group()
+        return losses
+
+
+def train(cfg):
+    """Run the configured (and resolved) training; returns the final {'train', 'val'} losses."""
+    return Trainer(cfg).run()
+
+
+def main(argv=None, arch=None):
+    """The command line: parse and check the config, then train. arch fixes the architecture."""
+    cfg = configure(DEFAULTS, argv, prog="train.py", doc=__doc__)
+    if arch is not None:
+        if cfg["arch"] not in (arch, DEFAULTS["arch"]):
+            raise SystemExit(f"error: this entry trains '{arch}' models; drop --arch={cfg['arch']}")
+        cfg["arch"] = arch
+    try:
+        train(resolve(cfg))
+    except (ConfigError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
