@@ -54,6 +54,7 @@ DEFAULTS = dict(
     bit_norm=False,  # RMSNorm inside each BitLinear (the FAQ reference layout)
     # AdamW and the learning-rate schedule
     learning_rate=1e-3,
+    bit_lr_scale=2.0,  # BitLinear weights train at learning_rate * bit_lr_scale (see README)
     max_iters=2000,
     weight_decay=0.1,
     beta1=0.9,
@@ -240,7 +241,8 @@ class Trainer:
                     else torch.autocast(device_type=device_type, dtype=ptdtype))
         self.scaler = torch.amp.GradScaler(device_type, enabled=cfg["dtype"] == "float16")
         self.optimizer = self.raw_model.configure_optimizers(
-            cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type)
+            cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type,
+            cfg["bit_lr_scale"])
         self.iter_num, self.best_val_loss = 0, float("inf")
         if ckpt:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -291,7 +293,7 @@ class Trainer:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns the loss."""
         lr = get_lr(self.iter_num, self.cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         accum = self.cfg["gradient_accumulation_steps"]
         for micro_step in range(accum):
             if self.world_size > 1:  # sync gradients on the last micro-step only

@@ -91,3 +91,25 @@ def make_linear(in_features, out_features, bias=False, bitlinear=True, norm=Fals
     if bitlinear:
         return BitLinear(in_features, out_features, bias=bias, norm=norm)
     return nn.Linear(in_features, out_features, bias=bias)
+
+
+def param_groups(model, weight_decay, bit_lr_scale=1.0, no_decay=()):
+    """AdamW parameter groups: decay 2-D weights, not norms, biases or the `no_decay` params;
+    BitLinear latent weights get their own group whose learning rate is scaled by bit_lr_scale.
+
+    Ternary weights change only when a latent weight crosses a rounding threshold, so they learn
+    slower than float weights at the same rate; the BitNet b1.58 recipes train them at a higher
+    learning rate. Each group's "lr_scale" multiplies the scheduled learning rate.
+    """
+    bit = {id(m.weight) for m in model.modules() if isinstance(m, BitLinear)}
+    skip = {id(p) for p in no_decay}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) in bit], "weight_decay": weight_decay,
+         "lr_scale": bit_lr_scale},
+        {"params": [p for p in params if id(p) not in bit and p.dim() >= 2 and id(p) not in skip],
+         "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in params if id(p) not in bit and (p.dim() < 2 or id(p) in skip)],
+         "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
+    return [g for g in groups if g["params"]]

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitlinear import make_linear
+from bitlinear import make_linear, param_groups
 from generation import generate
 
 
@@ -141,14 +141,11 @@ class GPT(nn.Module):
         """Extend idx (B, T) by max_new_tokens tokens, with a KV cache (see generation.py)."""
         return generate(self, idx, max_new_tokens, temperature, top_k, generator)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on 2-D weights (linears), not on norms, biases or embeddings."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        embeddings = {id(self.transformer.wte.weight), id(self.transformer.wpe.weight)}
-        decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
-        no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
+                             bit_lr_scale=1.0):
+        """AdamW; weight decay on the linears, not on norms, biases or embeddings."""
+        embeddings = (self.transformer.wte.weight, self.transformer.wpe.weight)
+        groups = param_groups(self, weight_decay, bit_lr_scale, no_decay=embeddings)
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 

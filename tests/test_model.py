@@ -70,12 +70,14 @@ def test_sampling_is_deterministic_for_a_generator_seed():
     assert torch.equal(*runs)
 
 
-def test_no_weight_decay_on_norms_and_embeddings():
+def test_optimizer_groups():
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() == 2 for p in decay["params"])
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", bit_lr_scale=3.0)
+    bit, no_decay = opt.param_groups  # a tied GPT has no float 2-D weights outside embeddings
+    assert (bit["weight_decay"], bit["lr_scale"]) == (0.1, 3.0)
+    assert (no_decay["weight_decay"], no_decay["lr_scale"]) == (0.0, 1.0)
+    assert len(bit["params"]) == 2 * 4  # the attention and MLP linears
     ids = {id(p) for p in no_decay["params"]}
     assert id(model.transformer.wte.weight) in ids and id(model.transformer.wpe.weight) in ids
-    assert len(decay["params"]) == 2 * 4  # the attention and MLP linears
+    float_groups = tiny(bitlinear=False).configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", 3.0)
+    assert [g["lr_scale"] for g in float_groups.param_groups] == [1.0, 1.0]  # no BitLinear

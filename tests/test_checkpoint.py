@@ -1,0 +1,74 @@
+"""Checkpoint files: atomic writes, and one clear error for every kind of bad file."""
+
+import os
+
+import pytest
+import torch
+
+from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+
+
+def good(path):
+    save_checkpoint({"arch": "gpt", "model_args": {"n_layer": 1}, "model": {"w": torch.ones(3)}},
+                    path)
+
+
+def test_round_trip_and_no_temp_files_left(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    good(path)
+    ckpt = load_checkpoint(path, arch="gpt")
+    assert ckpt["format_version"] == FORMAT_VERSION and torch.equal(ckpt["model"]["w"],
+                                                                    torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_failed_write_keeps_the_old_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    good(path)
+    with pytest.raises(AttributeError):  # torch.save fails midway: a lambda cannot be pickled
+        save_checkpoint({"arch": "gpt", "model_args": {}, "model": {}, "bad": lambda: 0}, path)
+    assert load_checkpoint(path)["model"]["w"].sum() == 3
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    good(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    torch.save({"something": 1}, path)
+    with pytest.raises(CheckpointError, match="not a BitGPT training checkpoint"):
+        load_checkpoint(path)
+
+
+def test_newer_format_version(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"format_version": FORMAT_VERSION + 1, "model": {}, "model_args": {}}, path)
+    with pytest.raises(CheckpointError, match=f"format version {FORMAT_VERSION + 1}"):
+        load_checkpoint(path)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"format_version": FORMAT_VERSION, "model": Evil(), "model_args": {}}, path)
+    with pytest.raises(CheckpointError, match="refused for safety"):
+        load_checkpoint(path)
+
+
+def test_missing_file_says_how_to_make_one(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at .*train one first"):
+        load_checkpoint(tmp_path / "nope.pt")
