@@ -54,7 +54,7 @@ DEFAULTS = dict(
     bit_norm=False,  # RMSNorm inside each BitLinear (the FAQ reference layout)
     # AdamW and the learning-rate schedule
     learning_rate=1e-3,
-    bit_lr_scale=2.0,  # BitLinear weights train at learning_rate * bit_lr_scale (see README)
+    bit_lr_scale=4.0,  # BitLinear weights train at learning_rate * bit_lr_scale (see README)
     max_iters=2000,
     weight_decay=0.1,
     beta1=0.9,
@@ -120,6 +120,12 @@ class Data:
         if (self.folder / "meta.pkl").exists():
             with open(self.folder / "meta.pkl", "rb") as f:
                 self.meta = pickle.load(f)
+        for split in ("train", "val"):
+            n = (self.folder / f"{split}.bin").stat().st_size // 2
+            if n <= self.block_size:
+                raise ConfigError(f"{self.folder / f'{split}.bin'} has {n} tokens, too few for "
+                                  f"block_size={self.block_size}; use more text or a smaller "
+                                  f"--block_size")
         self.generator = torch.Generator().manual_seed(seed)  # checkpointed, for exact resume
 
     def ensure_prepared(self, cfg):
@@ -215,6 +221,22 @@ def setup_distributed(cfg):
     return rank, local_rank, world_size
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a diverged loss); the message says what to try."""
+
+
+def check_writable(folder):
+    """Fail at the start, not at the first checkpoint hours later."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test{os.getpid()}"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"out_dir '{folder}' is not writable ({e.strerror}); choose another "
+                          f"--out_dir") from None
+
+
 class Trainer:
     """One training run: model, optimizer and data, with evaluate / save / step / run."""
 
@@ -231,7 +253,12 @@ class Trainer:
             ckpt = load_checkpoint(self.out_dir / "ckpt.pt", arch=cfg["arch"])
             cfg.update(ckpt["model_args"])  # the model's shape comes from the checkpoint
         self.args = model_args(cfg["arch"], cfg)
-        self.args["vocab_size"] = self.data.meta["vocab_size"] if self.data.meta else 50304
+        vocab_size = self.data.meta["vocab_size"] if self.data.meta else 50304
+        if ckpt and ckpt["model_args"]["vocab_size"] != vocab_size:
+            raise ConfigError(f"the checkpoint's vocabulary ({ckpt['model_args']['vocab_size']}) "
+                              f"is not dataset '{cfg['dataset']}''s ({vocab_size}); resume on the "
+                              f"dataset it was trained on")
+        self.args["vocab_size"] = vocab_size
         self.raw_model = build_model(cfg["arch"], self.args)
         if ckpt:
             self.raw_model.load_state_dict(ckpt["model"])
@@ -270,6 +297,7 @@ class Trainer:
     def evaluate(self):
         """Estimate losses, log them, and save a checkpoint when due (on the master only)."""
         losses = estimate_loss(self.model, self.data, self.cfg, self.ctx)
+        self.check_finite(losses["train"])
         if not self.master:
             return losses
         self.bar.write(f"step {self.iter_num}: train loss {losses['train']:.4f}, "
@@ -312,11 +340,18 @@ class Trainer:
         self.iter_num += 1
         return loss, lr
 
+    def check_finite(self, loss):
+        """Stop on a NaN/inf loss before it reaches a checkpoint; the last good one stays."""
+        if not math.isfinite(loss):
+            raise TrainingError(f"the loss became {loss} at step {self.iter_num}; the checkpoint "
+                                f"in {self.out_dir} is from before it. Try a lower learning_rate "
+                                f"or grad_clip, and check the data")
+
     def run(self):
         """Train to max_iters (or a stop signal); returns the last {'train', 'val'} losses."""
         cfg, master = self.cfg, self.master
         if master:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            check_writable(self.out_dir)
             kind = "ternary (BitLinear)" if cfg["bitlinear"] else "float (nn.Linear)"
             print(f"{cfg['arch']} {kind}: {self.raw_model.get_num_params() / 1e6:.2f}M parameters;"
                   f" device {self.device}, dtype {cfg['dtype']}, compile {cfg['compile']}, "
@@ -343,8 +378,9 @@ class Trainer:
                 loss, lr = self.step()
                 self.bar.update(1)
                 if self.iter_num % cfg["log_interval"] == 0 and master:
-                    accum = cfg["gradient_accumulation_steps"]
-                    self.bar.set_postfix(loss=f"{loss.item() * accum:.4f}", lr=f"{lr:.2e}")
+                    loss = loss.item() * cfg["gradient_accumulation_steps"]
+                    self.check_finite(loss)
+                    self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         self.bar.close()
         if master:
             self.metrics.close()
@@ -370,7 +406,7 @@ def main(argv=None, arch=None):
         cfg["arch"] = arch
     try:
         train(resolve(cfg))
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, TrainingError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

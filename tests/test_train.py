@@ -12,11 +12,11 @@ from train import Trainer, get_lr
 def test_loss_falls_on_real_data(tiny_cfg):
     for bitlinear in (True, False):
         cfg = dict(tiny_cfg, bitlinear=bitlinear, max_iters=50, lr_decay_iters=50,
-                   eval_interval=50, eval_iters=4, learning_rate=3e-3)
+                   eval_interval=50, eval_iters=4, learning_rate=2e-3)
         first = Trainer(dict(cfg, max_iters=0)).run()
         last = Trainer(cfg).run()
         assert first["val"] > 4.0  # ~ln(65) at init
-        assert last["val"] < first["val"] - 0.9, (bitlinear, first, last)
+        assert last["val"] < first["val"] - 0.7, (bitlinear, first, last)
 
 
 def test_checkpoint_contents(tiny_cfg):
@@ -57,3 +57,46 @@ def test_lr_schedule():
     assert get_lr(60, cfg) == pytest.approx(5.5e-4)  # halfway down the cosine
     assert get_lr(110, cfg) == pytest.approx(1e-4) and get_lr(500, cfg) == 1e-4
     assert get_lr(5, dict(cfg, decay_lr=False)) == 1e-3
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg):
+    from train import TrainingError
+    Trainer(dict(tiny_cfg, max_iters=10)).run()
+    trainer = Trainer(dict(tiny_cfg, init_from="resume", always_save_checkpoint=True))
+    with torch.no_grad():
+        trainer.raw_model.lm_head.weight[0, 0] = float("nan")  # inject a divergence
+    with pytest.raises(TrainingError, match="loss became nan at step 1[05].*lower learning_rate"):
+        trainer.run()
+    ckpt = load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt")
+    assert ckpt["iter_num"] == 10
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_bad_data_and_out_dir_fail_before_training(tiny_cfg, tmp_path):
+    from configurator import ConfigError
+    short = tmp_path / "d" / "short"
+    short.mkdir(parents=True)
+    for split in ("train", "val"):
+        (short / f"{split}.bin").write_bytes(b"\0\0" * 10)
+    with pytest.raises(ConfigError, match="has 10 tokens, too few for block_size=32"):
+        Trainer(dict(tiny_cfg, data_dir=str(tmp_path / "d"), dataset="short"))
+    with pytest.raises(ConfigError, match="no dataset 'nothing'"):
+        Trainer(dict(tiny_cfg, dataset="nothing"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="not writable"):
+        Trainer(dict(tiny_cfg, out_dir=str(blocker / "out"))).run()
+
+
+def test_resume_on_a_dataset_with_another_vocabulary(tiny_cfg, tmp_path):
+    import pickle
+
+    from configurator import ConfigError
+    Trainer(dict(tiny_cfg, max_iters=10)).run()
+    other = tmp_path / "d" / "other"
+    other.mkdir(parents=True)
+    for split in ("train", "val"):
+        (other / f"{split}.bin").write_bytes(b"\0\0" * 100)
+    (other / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 70}))
+    with pytest.raises(ConfigError, match=r"vocabulary \(65\) is not dataset 'other''s \(70\)"):
+        Trainer(dict(tiny_cfg, data_dir=str(tmp_path / "d"), dataset="other", init_from="resume"))
