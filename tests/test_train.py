@@ -100,3 +100,28 @@ def test_resume_on_a_dataset_with_another_vocabulary(tiny_cfg, tmp_path):
     (other / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 70}))
     with pytest.raises(ConfigError, match=r"vocabulary \(65\) is not dataset 'other''s \(70\)"):
         Trainer(dict(tiny_cfg, data_dir=str(tmp_path / "d"), dataset="other", init_from="resume"))
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_saves_and_exits_cleanly(tiny_cfg, sig):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    args = [f"--{k}={tiny_cfg[k]}" for k in ("out_dir", "data_dir", "n_layer", "n_head", "n_embd",
+                                             "block_size", "batch_size", "eval_iters")]
+    proc = subprocess.Popen([sys.executable, "-u", "train.py", *args, "--device=cpu",
+                             "--max_iters=100000", "--eval_interval=5"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    for line in proc.stdout:
+        if line.startswith("step 5:"):
+            break
+    proc.send_signal(getattr(signal, sig))
+    out = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0
+    assert f"{sig}: saved" in out and "--init_from=resume" in out
+    step = load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt")["iter_num"]
+    assert 5 <= step < 100000
+    resumed = Trainer(dict(tiny_cfg, init_from="resume", max_iters=step + 1))
+    assert resumed.iter_num == step
