@@ -104,6 +104,10 @@ def resolve(cfg):
         raise ConfigError(f"arch '{cfg['arch']}' is not one of {', '.join(ARCHS)}")
     if cfg["init_from"] not in ("scratch", "resume"):
         raise ConfigError(f"init_from '{cfg['init_from']}' is not 'scratch' or 'resume'")
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
+                "eval_iters", "log_interval", "gradient_accumulation_steps"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")
     return cfg

@@ -83,3 +83,5 @@ def test_derived_settings_are_decided_after_overrides():
     assert cfg["dtype"] == "float32" and cfg["compile"] is False
     with pytest.raises(ConfigError, match="not divisible"):
         resolve(parse_args(TRAIN_DEFAULTS, ["--device=cpu", "--n_embd=100", "--n_head=3"]))
+    with pytest.raises(ConfigError, match="block_size must be at least 1, got 0"):
+        resolve(parse_args(TRAIN_DEFAULTS, ["--device=cpu", "--block_size=0"]))

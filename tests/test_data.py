@@ -30,3 +30,15 @@ def test_shakespeare_gpt2(corpus, tmp_path):
     text = corpus.read_text(encoding="utf-8")
     n = int(len(text) * 0.9)
     assert enc.decode(train.tolist()) == text[:n] and enc.decode(val.tolist()) == text[n:]
+
+
+def test_training_prepares_shakespeare_char_when_missing(corpus, tmp_path, monkeypatch):
+    from train import DEFAULTS, Data, resolve
+    monkeypatch.setenv("TINYSHAKESPEARE_PATH", str(corpus))
+    cfg = resolve(dict(DEFAULTS, device="cpu", data_dir=str(tmp_path)))
+    data = Data(cfg, "cpu", seed=0)
+    assert data.meta["vocab_size"] == 65
+    assert (tmp_path / "shakespeare_char" / "train.bin").stat().st_size == 2 * 1_003_854
+    x, y = data.batch("train")
+    assert x.shape == (12, 64) and (x[:, 1:] == y[:, :-1]).all()  # y is x shifted by one
+
