@@ -56,6 +56,7 @@ DEFAULTS = dict(
     learning_rate=1e-3,
     bit_lr_scale=4.0,  # BitLinear weights train at learning_rate * bit_lr_scale (see README)
     max_iters=2000,
+    max_time=0.0,  # seconds of training after which to save and stop cleanly; 0 means no limit
     weight_decay=0.1,
     beta1=0.9,
     beta2=0.99,
@@ -113,6 +114,9 @@ def resolve(cfg):
     return cfg
 
 
+AUTO_PREPARE = ("shakespeare_char", "shakespeare")  # small enough to prepare on the fly
+
+
 class Data:
     """Random windows of a tokenized dataset: data_dir/dataset/{train,val}.bin (+ meta.pkl)."""
 
@@ -136,7 +140,7 @@ class Data:
         if (self.folder / "train.bin").exists() and (self.folder / "val.bin").exists():
             return
         prepare_py = Path(__file__).parent / "data" / cfg["dataset"] / "prepare.py"
-        if cfg["dataset"] in ("shakespeare_char", "shakespeare"):  # small: prepare on the fly
+        if cfg["dataset"] in AUTO_PREPARE:
             import importlib
             importlib.import_module(f"data.{cfg['dataset']}.prepare").prepare(self.folder)
         elif prepare_py.exists():
@@ -211,16 +215,16 @@ def setup_distributed(cfg):
     """DDP under torchrun: (rank, local_rank, world_size); (0, 0, 1) when not distributed."""
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 0, 1
-    from torch.distributed import init_process_group
-    init_process_group(backend=cfg["backend"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
+    if cfg["gradient_accumulation_steps"] % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} does "
+                          f"not divide across {world_size} processes; make it a multiple")
+    from torch.distributed import init_process_group
+    init_process_group(backend=cfg["backend"])
     if cfg["device"].startswith("cuda"):
         cfg["device"] = f"cuda:{local_rank}"
         torch.cuda.set_device(cfg["device"])
-    if cfg["gradient_accumulation_steps"] % world_size:
-        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} does "
-                          f"not divide across {world_size} processes")
     cfg["gradient_accumulation_steps"] //= world_size
     return rank, local_rank, world_size
 
@@ -372,10 +376,12 @@ class Trainer:
                     losses = self.evaluate()
                 if self.iter_num >= cfg["max_iters"] or cfg["eval_only"]:
                     break
-                if stop.signal:
+                out_of_time = 0 < cfg["max_time"] < time.time() - self.t_start
+                if stop.signal or out_of_time:
                     if master:
                         self.save(losses["val"] if losses else float("nan"))
-                        self.bar.write(f"{stop.signal}: saved {self.out_dir / 'ckpt.pt'} at step "
+                        why = stop.signal or f"max_time={cfg['max_time']}s reached"
+                        self.bar.write(f"{why}: saved {self.out_dir / 'ckpt.pt'} at step "
                                        f"{self.iter_num}; resume: the same command plus "
                                        f"--init_from=resume")
                     break

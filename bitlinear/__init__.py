@@ -1,4 +1,4 @@
-"""BitNet b1.58 building blocks: the quantizers and the BitLinear layer."""
+"""BitNet b1.58 building blocks: the quantizers, the BitLinear layer, packed ternary weights."""
 
 from .layer import (
     BitLinear,
@@ -8,6 +8,7 @@ from .layer import (
     make_linear,
     param_groups,
 )
+from .pack import pack_2bit, pack_base3, unpack_2bit, unpack_base3
 from .quant import (
     EPS,
     activation_quant,
@@ -21,5 +22,5 @@ from .quant import (
 __all__ = [
     "EPS", "BitLinear", "RMSNorm", "bitlinear", "bitlinear_reference", "make_linear",
     "param_groups", "activation_quant", "activation_quant_int", "activation_scale", "ternarize",
-    "weight_quant", "weight_scale",
+    "weight_quant", "weight_scale", "pack_2bit", "unpack_2bit", "pack_base3", "unpack_base3",
 ]

@@ -85,3 +85,13 @@ def test_derived_settings_are_decided_after_overrides():
         resolve(parse_args(TRAIN_DEFAULTS, ["--device=cpu", "--n_embd=100", "--n_head=3"]))
     with pytest.raises(ConfigError, match="block_size must be at least 1, got 0"):
         resolve(parse_args(TRAIN_DEFAULTS, ["--device=cpu", "--block_size=0"]))
+
+
+def test_gradient_accumulation_must_divide_across_processes(monkeypatch):
+    from train import DEFAULTS as TRAIN_DEFAULTS
+    from train import setup_distributed
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="3").items():
+        monkeypatch.setenv(k, v)
+    cfg = dict(TRAIN_DEFAULTS, gradient_accumulation_steps=4, backend="gloo")
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=4 does not divide across 3"):
+        setup_distributed(cfg)

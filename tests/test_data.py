@@ -42,3 +42,13 @@ def test_training_prepares_shakespeare_char_when_missing(corpus, tmp_path, monke
     x, y = data.batch("train")
     assert x.shape == (12, 64) and (x[:, 1:] == y[:, :-1]).all()  # y is x shifted by one
 
+
+
+def test_unprepared_dataset_names_its_prepare_script(tmp_path, monkeypatch):
+    import train
+    from configurator import ConfigError
+    monkeypatch.setattr(train, "AUTO_PREPARE", ())
+    cfg = train.resolve(dict(train.DEFAULTS, device="cpu", data_dir=str(tmp_path),
+                             dataset="shakespeare"))
+    with pytest.raises(ConfigError, match=r"not prepared .*run: python data/shakespeare/prepare"):
+        train.Data(cfg, "cpu", seed=0)

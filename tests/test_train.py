@@ -1,6 +1,7 @@
 """The training loop on real shakespeare_char data: loss falls, checkpoints resume exactly."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +126,39 @@ def test_signal_saves_and_exits_cleanly(tiny_cfg, sig):
     assert 5 <= step < 100000
     resumed = Trainer(dict(tiny_cfg, init_from="resume", max_iters=step + 1))
     assert resumed.iter_num == step
+
+
+def test_max_time_ends_cleanly_with_a_checkpoint(tiny_cfg):
+    Trainer(dict(tiny_cfg, max_iters=10**6, max_time=1.0)).run()
+    step = load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt")["iter_num"]
+    assert 0 < step < 10**6
+
+
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tiny_cfg):
+    """Kill -9 a run that saves every step, at several moments, resuming each time."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    args = [f"--{k}={tiny_cfg[k]}" for k in ("out_dir", "data_dir", "n_layer", "n_head", "n_embd",
+                                             "block_size", "batch_size", "eval_iters")]
+    cmd = [sys.executable, "train.py", *args, "--device=cpu", "--max_iters=100000",
+           "--eval_interval=1"]  # a checkpoint write at every step
+    ckpt_path = Path(tiny_cfg["out_dir"]) / "ckpt.pt"
+    steps = [0]
+    for i, delay in enumerate((0.0, 0.05, 0.13)):
+        proc = subprocess.Popen(cmd + (["--init_from=resume"] if i else []), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline:  # wait until this run has saved a step of its own
+            mtime = ckpt_path.stat().st_mtime if ckpt_path.exists() else 0
+            if mtime and load_checkpoint(ckpt_path)["iter_num"] > steps[-1] + 1:
+                break
+            time.sleep(0.02)
+        time.sleep(delay)  # then kill it among its saves
+        proc.kill()
+        proc.wait()
+        steps.append(load_checkpoint(ckpt_path)["iter_num"])  # loadable, whatever the moment
+    assert steps == sorted(steps) and steps[-1] > 3  # each run resumed where the last one died
+    assert Trainer(dict(tiny_cfg, init_from="resume")).iter_num == steps[-1]

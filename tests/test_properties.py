@@ -1,0 +1,86 @@
+"""Property tests (hypothesis): quantizers and packing on random shapes, magnitudes and dtypes."""
+
+import pytest
+import torch
+
+from bitlinear import (
+    activation_quant,
+    activation_quant_int,
+    pack_2bit,
+    pack_base3,
+    ternarize,
+    unpack_2bit,
+    unpack_base3,
+    weight_quant,
+)
+
+hypothesis = pytest.importorskip("hypothesis", reason="pip install hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+shapes = st.lists(st.integers(1, 9), min_size=1, max_size=3)
+dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+magnitudes = st.sampled_from([0.0, 1e-30, 1e-8, 1e-3, 1.0, 1e3, 1e30])
+
+
+def make(shape, magnitude, dtype, seed, zero_rows):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * magnitude
+    if zero_rows and x.dim() > 1:
+        x[..., 0, :] = 0
+    return x.to(dtype)  # fp16 overflows 1e30 to inf: excluded below
+
+
+@settings(max_examples=150, deadline=None)
+@given(shapes, magnitudes, dtypes, st.integers(0, 2**16), st.booleans())
+def test_activation_quant_properties(shape, magnitude, dtype, seed, zero_rows):
+    x = make(shape, magnitude, dtype, seed, zero_rows)
+    if not torch.isfinite(x).all():
+        return
+    q, s = activation_quant_int(x)
+    assert q.dtype == torch.int8 and q.shape == x.shape
+    assert int(q.min()) >= -128 and int(q.max()) <= 127
+    assert torch.isfinite(s).all() and (s > 0).all()
+    xq = activation_quant(x)
+    assert xq.dtype == x.dtype and torch.isfinite(xq).all()
+    assert (xq[x == 0] == 0).all()  # zeros (and all-zero tokens) stay zero
+
+
+@settings(max_examples=150, deadline=None)
+@given(shapes, magnitudes, dtypes, st.integers(0, 2**16), st.booleans())
+def test_weight_quant_properties(shape, magnitude, dtype, seed, zero_rows):
+    w = make(shape, magnitude, dtype, seed, zero_rows)
+    if not torch.isfinite(w).all():
+        return
+    t, s = ternarize(w)
+    assert set(t.unique().tolist()) <= {-1, 0, 1}
+    assert torch.isfinite(s) and s > 0
+    wq = weight_quant(w)
+    assert wq.dtype == w.dtype and torch.isfinite(wq).all()
+    if dtype == torch.float32:
+        assert torch.equal(t.float() / s, wq)  # the integer form is the fake-quant, exactly
+
+
+@settings(max_examples=200, deadline=None)
+@given(shapes, st.integers(0, 2**16), st.floats(0.0, 1.0))
+def test_packing_round_trips_exactly(shape, seed, p_zero):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(-1, 2, shape, generator=g, dtype=torch.int8)
+    t[torch.rand(shape, generator=g) < p_zero] = 0
+    two, three = pack_2bit(t), pack_base3(t)
+    assert two.dtype == three.dtype == torch.uint8
+    assert two.numel() == -(-t.numel() // 4) and three.numel() == -(-t.numel() // 5)
+    assert torch.equal(unpack_2bit(two, t.shape), t)
+    assert torch.equal(unpack_base3(three, t.shape), t)
+    assert int(three.max()) <= 242
+
+
+def test_packing_layout_and_errors():
+    t = torch.tensor([-1, 0, 1, 1, 0, -1], dtype=torch.int8)
+    # codes 0,1,2,2 | 1,0 (+ pad code 1, 1): least significant bits first
+    assert pack_2bit(t).tolist() == [0 | 1 << 2 | 2 << 4 | 2 << 6, 1 | 0 << 2 | 1 << 4 | 1 << 6]
+    assert pack_base3(t).tolist() == [0 + 1 * 3 + 2 * 9 + 2 * 27 + 1 * 81, 0 + 1 * 3 + 9 + 27 + 81]
+    with pytest.raises(ValueError, match="int8 tensor of -1, 0, \\+1"):
+        pack_2bit(torch.tensor([2], dtype=torch.int8))
+    with pytest.raises(ValueError, match="needs 9"):
+        unpack_2bit(pack_2bit(torch.zeros(4, dtype=torch.int8)), (3, 3))
