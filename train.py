@@ -120,7 +120,7 @@ AUTO_PREPARE = ("shakespeare_char", "shakespeare")  # small enough to prepare on
 class Data:
     """Random windows of a tokenized dataset: data_dir/dataset/{train,val}.bin (+ meta.pkl)."""
 
-    def __init__(self, cfg, device, seed):
+    def __init__(self, cfg, device, seed, rank=0, world_size=1):
         self.folder = Path(cfg["data_dir"]) / cfg["dataset"]
         self.block_size, self.batch_size, self.device = cfg["block_size"], cfg["batch_size"], device
         self.ensure_prepared(cfg)
@@ -134,6 +134,9 @@ class Data:
                 raise ConfigError(f"{self.folder / f'{split}.bin'} has {n} tokens, too few for "
                                   f"block_size={self.block_size}; use more text or a smaller "
                                   f"--block_size")
+        # every process draws the windows of all processes from one stream and keeps its own, so
+        # N processes see exactly the batches one process sees with N times the accumulation
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)  # checkpointed, for exact resume
 
     def ensure_prepared(self, cfg):
@@ -151,10 +154,14 @@ class Data:
                               f"data/{cfg['dataset']}/prepare.py to make it")
 
     def batch(self, split, generator=None):
+        """A (x, y) batch of windows; training batches are this process's share, evaluation
+        batches (from the given generator) are the same on every process."""
         # a fresh memmap per batch avoids a memory leak (as nanoGPT notes)
         data = np.memmap(self.folder / f"{split}.bin", dtype=np.uint16, mode="r")
-        ix = torch.randint(len(data) - self.block_size, (self.batch_size,),
-                           generator=generator or self.generator)
+        B, n = self.batch_size, 1 if generator else self.world_size
+        r = 0 if generator else self.rank
+        ix = torch.randint(len(data) - self.block_size, (n * B,),
+                           generator=generator or self.generator)[r * B:(r + 1) * B]
         T = self.block_size
         x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in ix])
@@ -255,7 +262,7 @@ class Trainer:
         device_type = self.device.split(":")[0]
         torch.manual_seed(cfg["seed"] + self.rank)
         self.out_dir = Path(cfg["out_dir"])
-        self.data = Data(cfg, self.device, cfg["seed"] + self.rank)
+        self.data = Data(cfg, self.device, cfg["seed"], self.rank, self.world_size)
         ckpt = None
         if cfg["init_from"] == "resume":
             ckpt = load_checkpoint(self.out_dir / "ckpt.pt", arch=cfg["arch"])
