@@ -31,12 +31,20 @@ def make(shape, magnitude, dtype, seed, zero_rows):
     return x.to(dtype)  # fp16 overflows 1e30 to inf: excluded below
 
 
-@settings(max_examples=150, deadline=None)
-@given(shapes, magnitudes, dtypes, st.integers(0, 2**16), st.booleans())
-def test_activation_quant_properties(shape, magnitude, dtype, seed, zero_rows):
-    x = make(shape, magnitude, dtype, seed, zero_rows)
-    if not torch.isfinite(x).all():
-        return
+def tensor_cases(test):
+    """Run test(x) on random tensors: shapes, magnitudes, dtypes, all-zero rows."""
+    @settings(max_examples=150, deadline=None)
+    @given(shapes, magnitudes, dtypes, st.integers(0, 2**16), st.booleans())
+    def run(shape, magnitude, dtype, seed, zero_rows):
+        x = make(shape, magnitude, dtype, seed, zero_rows)
+        if torch.isfinite(x).all():
+            test(x)
+    run.__name__ = test.__name__
+    return run
+
+
+@tensor_cases
+def test_activation_quant_properties(x):
     q, s = activation_quant_int(x)
     assert q.dtype == torch.int8 and q.shape == x.shape
     assert int(q.min()) >= -128 and int(q.max()) <= 127
@@ -46,18 +54,14 @@ def test_activation_quant_properties(shape, magnitude, dtype, seed, zero_rows):
     assert (xq[x == 0] == 0).all()  # zeros (and all-zero tokens) stay zero
 
 
-@settings(max_examples=150, deadline=None)
-@given(shapes, magnitudes, dtypes, st.integers(0, 2**16), st.booleans())
-def test_weight_quant_properties(shape, magnitude, dtype, seed, zero_rows):
-    w = make(shape, magnitude, dtype, seed, zero_rows)
-    if not torch.isfinite(w).all():
-        return
+@tensor_cases
+def test_weight_quant_properties(w):
     t, s = ternarize(w)
     assert set(t.unique().tolist()) <= {-1, 0, 1}
     assert torch.isfinite(s) and s > 0
     wq = weight_quant(w)
     assert wq.dtype == w.dtype and torch.isfinite(wq).all()
-    if dtype == torch.float32:
+    if w.dtype == torch.float32:
         assert torch.equal(t.float() / s, wq)  # the integer form is the fake-quant, exactly
 
 
