@@ -33,7 +33,8 @@ def test_shakespeare_gpt2(corpus, tmp_path):
 
 
 def test_training_prepares_shakespeare_char_when_missing(corpus, tmp_path, monkeypatch):
-    from train import DEFAULTS, Data, resolve
+    from data.loader import Data
+    from train import DEFAULTS, resolve
     monkeypatch.setenv("TINYSHAKESPEARE_PATH", str(corpus))
     cfg = resolve(dict(DEFAULTS, device="cpu", data_dir=str(tmp_path)))
     data = Data(cfg, "cpu", seed=0)
@@ -45,10 +46,11 @@ def test_training_prepares_shakespeare_char_when_missing(corpus, tmp_path, monke
 
 
 def test_unprepared_dataset_names_its_prepare_script(tmp_path, monkeypatch):
+    import data.loader
     import train
     from configurator import ConfigError
-    monkeypatch.setattr(train, "AUTO_PREPARE", ())
+    monkeypatch.setattr(data.loader, "AUTO_PREPARE", ())
     cfg = train.resolve(dict(train.DEFAULTS, device="cpu", data_dir=str(tmp_path),
                              dataset="shakespeare"))
     with pytest.raises(ConfigError, match=r"not prepared .*run: python data/shakespeare/prepare"):
-        train.Data(cfg, "cpu", seed=0)
+        data.loader.Data(cfg, "cpu", seed=0)
