@@ -1,5 +1,6 @@
-"""BitNet b1.58 building blocks: the quantizers, the BitLinear layer, packed ternary weights."""
+"""BitNet b1.58: the quantizers, the BitLinear layer, packed weights, integer inference."""
 
+from .inference import TernaryLinear, int_matmul, to_integer
 from .layer import (
     BitLinear,
     RMSNorm,
@@ -23,4 +24,5 @@ __all__ = [
     "EPS", "BitLinear", "RMSNorm", "bitlinear", "bitlinear_reference", "make_linear",
     "param_groups", "activation_quant", "activation_quant_int", "activation_scale", "ternarize",
     "weight_quant", "weight_scale", "pack_2bit", "unpack_2bit", "pack_base3", "unpack_base3",
+    "TernaryLinear", "int_matmul", "to_integer",
 ]
