@@ -35,6 +35,19 @@ def save_checkpoint(ckpt, path):
         os.close(dir_fd)
 
 
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    """Build the checkpoint's model and load its weights; a mismatch is a CheckpointError."""
+    from models import build_model
+    try:
+        model = build_model(ckpt["arch"], ckpt["model_args"])
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"'{path}' does not fit this code's '{ckpt.get('arch')}' model "
+                              f"({first[:200]})") from None
+    return model
+
+
 def load_checkpoint(path, arch=None, map_location="cpu"):
     """Load and validate a checkpoint dict; raise CheckpointError with a one-line reason."""
     path = Path(path)

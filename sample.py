@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import ConfigError, configure
 from generation import generate
-from models import build_model
 
 DEFAULTS = dict(
     out_dir="out",
@@ -81,8 +80,7 @@ def check(cfg):
 def load_model(path, device):
     """A model ready for inference from a checkpoint file, with its tokenizer."""
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt["arch"], ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
+    model = model_from_checkpoint(ckpt, path)
     return model.eval().to(device), Tokenizer(ckpt.get("meta"))
 
 

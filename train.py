@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import ConfigError, configure
 from data.loader import Data
 from models import ARCHS, build_model, model_args
@@ -216,9 +216,10 @@ class Trainer:
                               f"is not dataset '{cfg['dataset']}''s ({vocab_size}); resume on the "
                               f"dataset it was trained on")
         self.args["vocab_size"] = vocab_size
-        self.raw_model = build_model(cfg["arch"], self.args)
         if ckpt:
-            self.raw_model.load_state_dict(ckpt["model"])
+            self.raw_model = model_from_checkpoint(ckpt, self.out_dir / "ckpt.pt")
+        else:
+            self.raw_model = build_model(cfg["arch"], self.args)
         self.raw_model.to(self.device)
         ptdtype = getattr(torch, cfg["dtype"])
         self.ctx = (nullcontext() if ptdtype == torch.float32

@@ -72,3 +72,15 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 def test_missing_file_says_how_to_make_one(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at .*train one first"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_weights_that_do_not_fit_the_model(tmp_path):
+    from checkpoint import model_from_checkpoint
+    path = tmp_path / "ckpt.pt"
+    args = dict(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)
+    save_checkpoint({"arch": "gpt", "model_args": args, "model": {"w": torch.ones(3)}}, path)
+    with pytest.raises(CheckpointError, match="does not fit this code's 'gpt' model"):
+        model_from_checkpoint(load_checkpoint(path), path)
+    save_checkpoint({"arch": "mamba", "model_args": args, "model": {}}, path)
+    with pytest.raises(CheckpointError, match="unknown arch 'mamba'"):
+        model_from_checkpoint(load_checkpoint(path), path)

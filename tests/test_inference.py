@@ -5,9 +5,8 @@ import copy
 import torch
 
 from bitlinear import BitLinear, TernaryLinear, int_matmul, to_integer
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from generation import generate
-from models import build_model
 from train import Trainer
 
 
@@ -28,10 +27,7 @@ def test_ternary_linear_matches_bitlinear():
 
 def test_trained_checkpoint_runs_exactly_in_integers(tiny_cfg):
     Trainer(dict(tiny_cfg, max_iters=30, learning_rate=3e-3)).run()
-    ckpt = load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt")
-    model = build_model(ckpt["arch"], ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model = model_from_checkpoint(load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt")).eval()
     integer = to_integer(copy.deepcopy(model))
     assert not any(isinstance(m, BitLinear) for m in integer.modules())
     assert sum(isinstance(m, TernaryLinear) for m in integer.modules()) == 2 * 4
