@@ -48,6 +48,25 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     return model
 
 
+def model_from_packed(path):
+    """The integer model (TernaryLinear layers) and header of a .bitnet file from export.py."""
+    from bitlinear import to_integer
+    from bitlinear.packed_file import PackedFileError, load_packed
+    from models import build_model
+    if not Path(path).is_file():
+        raise CheckpointError(f"no file at '{path}'; make one with python export.py")
+    try:
+        header, state = load_packed(path)
+        model = to_integer(build_model(header["arch"], header["model_args"]))
+        model.load_state_dict(state)
+    except PackedFileError as e:
+        raise CheckpointError(str(e)) from None
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"'{path}' does not fit this code's models ({type(e).__name__})"
+                              ) from None
+    return model, header
+
+
 def load_checkpoint(path, arch=None, map_location="cpu"):
     """Load and validate a checkpoint dict; raise CheckpointError with a one-line reason."""
     path = Path(path)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, model_from_packed
 from configurator import ConfigError, configure
 from generation import generate
 
 DEFAULTS = dict(
     out_dir="out",
-    ckpt="",  # a checkpoint file; empty means out_dir/ckpt.pt
+    ckpt="",  # a checkpoint (.pt) or packed model (.bitnet); empty means out_dir/ckpt.pt
     start="\n",  # the prompt, or FILE:path to read it from a file
     num_samples=3,
     max_new_tokens=500,
@@ -37,7 +37,8 @@ class Tokenizer:
 
     def __init__(self, meta):
         if meta and "stoi" in meta:
-            self.stoi, self.itos = meta["stoi"], meta["itos"]
+            self.stoi = meta["stoi"]
+            self.itos = {int(i): ch for i, ch in meta["itos"].items()}  # JSON keys are strings
         else:
             import tiktoken
             self.enc = tiktoken.get_encoding("gpt2")
@@ -78,9 +79,13 @@ def check(cfg):
 
 
 def load_model(path, device):
-    """A model ready for inference from a checkpoint file, with its tokenizer."""
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)
+    """A model ready for inference, with its tokenizer: from a training checkpoint (.pt), or
+    from a packed .bitnet file (export.py), which runs with integer matmuls."""
+    if str(path).endswith(".bitnet"):
+        model, ckpt = model_from_packed(path)
+    else:
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, path)
     return model.eval().to(device), Tokenizer(ckpt.get("meta"))
 
 
