@@ -79,3 +79,14 @@ def test_float_models_are_not_exported(data_dir, tmp_path):
     Trainer(cfg).run()
     with pytest.raises(ConfigError, match="float model"):
         export(dict(DEFAULTS, out_dir=str(tmp_path)))
+
+
+def test_bench_inference_compares_the_same_model(trained, capsys):
+    from bench_inference import DEFAULTS as BENCH
+    from bench_inference import bench
+    sizes, results = bench(dict(BENCH, ckpt=str(trained / "ckpt.pt"), prompt_tokens=8,
+                                new_tokens=8, repeats=1))
+    assert sizes[".bitnet base3"] < sizes[".bitnet 2bit"] < sizes["state_dict float16"]
+    assert sizes["state_dict float16"] < sizes["state_dict float32"]
+    assert all(p > 0 and d > 0 for p, d in results.values())
+    assert "integer / float" in capsys.readouterr().out
