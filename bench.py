@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from configurator import ConfigError, configure
+from configurator import run_cli
 from train import DEFAULTS as TRAIN_DEFAULTS
 from train import Trainer, resolve
 
@@ -65,11 +65,7 @@ def bench(cfg):
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv, prog="bench.py", doc=__doc__)
-    try:
-        bench(resolve(cfg))
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    run_cli(DEFAULTS, lambda cfg: bench(resolve(cfg)), "bench.py", __doc__, argv)
 
 
 if __name__ == "__main__":

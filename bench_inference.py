@@ -18,8 +18,8 @@ import torch
 
 from bitlinear import BitLinear
 from bitlinear.packed_file import save_packed
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, model_from_packed
-from configurator import ConfigError, configure
+from checkpoint import load_checkpoint, model_from_checkpoint, model_from_packed
+from configurator import ConfigError, run_cli
 from generation import KVCache, generate
 
 DEFAULTS = dict(ckpt="out/ckpt.pt", prompt_tokens=32, new_tokens=32, repeats=3, seed=0,
@@ -103,11 +103,7 @@ def bench(cfg):
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv, prog="bench_inference.py", doc=__doc__)
-    try:
-        bench(cfg)
-    except (ConfigError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+    run_cli(DEFAULTS, bench, "bench_inference.py", __doc__, argv)
 
 
 if __name__ == "__main__":

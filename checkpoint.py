@@ -6,10 +6,12 @@ from pathlib import Path
 
 import torch
 
+from configurator import UserError
+
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message says why and what to do, in one line."""
 
 

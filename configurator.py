@@ -15,7 +15,11 @@ import types
 from pathlib import Path
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A problem the user can fix (config, data, checkpoint): shown as one line, no traceback."""
+
+
+class ConfigError(UserError):
     """A config problem the user can fix; its message is one line that says how."""
 
 
@@ -111,4 +115,13 @@ def configure(defaults, argv=None, prog="train.py", doc=""):
     try:
         return parse_args(defaults, argv)
     except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+def run_cli(defaults, run, prog, doc="", argv=None):
+    """A script's main: check the config, return run(cfg); a UserError exits with one line."""
+    cfg = configure(defaults, argv, prog, doc)
+    try:
+        return run(cfg)
+    except UserError as e:
         sys.exit(f"error: {e}")

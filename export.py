@@ -11,8 +11,8 @@ output head are stored as float32; every BitLinear weight as packed ternary valu
 from pathlib import Path
 
 from bitlinear.packed_file import save_packed
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from configurator import ConfigError, configure
+from checkpoint import load_checkpoint, model_from_checkpoint
+from configurator import ConfigError, run_cli
 
 DEFAULTS = dict(
     out_dir="out",
@@ -41,11 +41,7 @@ def export(cfg):
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv, prog="export.py", doc=__doc__)
-    try:
-        export(cfg)
-    except (ConfigError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+    run_cli(DEFAULTS, export, "export.py", __doc__, argv)
 
 
 if __name__ == "__main__":

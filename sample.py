@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, model_from_packed
-from configurator import ConfigError, configure
+from checkpoint import load_checkpoint, model_from_checkpoint, model_from_packed
+from configurator import ConfigError, run_cli
 from generation import generate
 
 DEFAULTS = dict(
@@ -112,12 +112,7 @@ def sample(cfg):
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv, prog="sample.py", doc=__doc__)
-    try:
-        texts = sample(cfg)
-    except (ConfigError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
-    for text in texts:
+    for text in run_cli(DEFAULTS, sample, "sample.py", __doc__, argv):
         print(text)
         print("---------------")
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from configurator import ConfigError, configure
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from configurator import ConfigError, UserError, run_cli
 from data.loader import Data
 from models import ARCHS, build_model, model_args
 
@@ -178,7 +178,7 @@ def setup_distributed(cfg):
     return rank, local_rank, world_size
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training cannot go on (a diverged loss); the message says what to try."""
 
 
@@ -359,15 +359,13 @@ def train(cfg):
 
 def main(argv=None, arch=None):
     """The command line: parse and check the config, then train. arch fixes the architecture."""
-    cfg = configure(DEFAULTS, argv, prog="train.py", doc=__doc__)
-    if arch is not None:
-        if cfg["arch"] not in (arch, DEFAULTS["arch"]):
-            raise SystemExit(f"error: this entry trains '{arch}' models; drop --arch={cfg['arch']}")
-        cfg["arch"] = arch
-    try:
-        train(resolve(cfg))
-    except (ConfigError, CheckpointError, TrainingError) as e:
-        raise SystemExit(f"error: {e}") from None
+    def run(cfg):
+        if arch is not None:
+            if cfg["arch"] not in (arch, DEFAULTS["arch"]):
+                raise ConfigError(f"this entry trains '{arch}' models; drop --arch={cfg['arch']}")
+            cfg["arch"] = arch
+        return train(resolve(cfg))
+    run_cli(DEFAULTS, run, "train.py", __doc__, argv)
 
 
 if __name__ == "__main__":
