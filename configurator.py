@@ -10,6 +10,7 @@ that assign keys, run in their own namespace.
 
 import ast
 import difflib
+import re
 import sys
 import types
 from pathlib import Path
@@ -64,13 +65,19 @@ def read_config_file(path, defaults):
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found; configs live in configs/ "
                           f"(python train.py --list_configs)")
-    namespace = {}
+    def include(name):
+        """Take another config file's keys (path relative to this file); later lines override."""
+        namespace.update(read_config_file(path.parent / name, defaults))
+
+    namespace = {"include": include}
     try:
         exec(compile(path.read_text(), str(path), "exec"), namespace)
+    except ConfigError:
+        raise
     except Exception as e:  # a syntax or runtime error in the user's file
         raise ConfigError(f"config file '{path}' failed: {type(e).__name__}: {e}") from None
-    values = {k: v for k, v in namespace.items()
-              if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+    values = {k: v for k, v in namespace.items() if not k.startswith("_") and k != "include"
+              and not isinstance(v, types.ModuleType)}
     try:
         return {k: check_value(k, v, defaults) for k, v in values.items()}
     except ConfigError as e:
@@ -95,6 +102,40 @@ def parse_args(defaults, argv):
             check_value(key, None, defaults)  # raises, with suggestions
         config[key] = check_value(key, parse_value(raw, defaults[key]), defaults)
     return config
+
+
+CONFIG_FACTS = re.compile(
+    r"# parameters: (([\d.]+)([kMB])) \| training memory: ([\d.]+) ([MG])B \((.*)\)")
+
+
+def config_facts(path):
+    """What a config file's header states: {description, params, params_text, memory, setting}.
+
+    Its first line is "# name: description", and one line reads
+    "# parameters: 10.65M | training memory: 1.70 GB (batch_size 64, bfloat16)".
+    """
+    lines = Path(path).read_text().splitlines()
+    facts = {"description": lines[0].lstrip("# ").partition(": ")[2] if lines else "",
+             "params": None, "params_text": "-", "memory": None, "memory_text": "-",
+             "setting": ""}
+    for line in lines:
+        if m := CONFIG_FACTS.match(line):
+            facts.update(params=float(m[2]) * {"k": 1e3, "M": 1e6, "B": 1e9}[m[3]],
+                         params_text=m[1], memory=float(m[4]) * {"M": 1e6, "G": 1e9}[m[5]],
+                         memory_text=f"{m[4]} {m[5]}B", setting=m[6])
+    return facts
+
+
+def list_configs(folder):
+    """The table `python train.py --list_configs` prints: each config file and its stated size."""
+    facts = {f"configs/{p.name}": config_facts(p) for p in Path(folder).glob("*.py")}
+    width = max(map(len, facts))
+    rows = [f"{'config':<{width}}  {'params':>6}  {'memory':>9}  description"]
+    for name, f in sorted(facts.items(), key=lambda kv: (kv[1]["params"] or 0, kv[0])):
+        rows.append(f"{name:<{width}}  {f['params_text']:>6}  {f['memory_text']:>9}  "
+                    f"{f['description']}")
+    return "\n".join(rows + ["memory: to train on one device without sharding, at the config's "
+                             "batch_size (README)"])
 
 
 def help_text(defaults, prog, doc=""):

@@ -2,15 +2,17 @@
 
     python train.py                                    # ternary GPT on shakespeare_char
     python train.py configs/train_shakespeare_char.py --device=cpu --bitlinear=False
+    python train.py configs/llama_1m.py                # a LLaMA-style model
     torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py
+    python train.py --list_configs                     # the configs, their sizes and memory
 
 Every key below can be set by a config file or --key=value (python train.py --help lists them).
 """
 
-import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,9 +21,10 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from configurator import ConfigError, UserError, run_cli
+from configurator import ConfigError, UserError, list_configs, run_cli
 from data.loader import Data
-from models import ARCHS, build_model, model_args
+from metrics import MetricsLog
+from models import ARCHS, arch_keys, build_model, model_args
 
 DEFAULTS = dict(
     # I/O
@@ -43,14 +46,21 @@ DEFAULTS = dict(
     batch_size=12,  # per process and micro-step
     block_size=64,
     # model
-    arch="gpt",
+    arch="gpt",  # 'gpt' (gpt/model.py) or 'llama' (llama/model.py)
     n_layer=4,
     n_head=4,
     n_embd=128,
     dropout=0.0,
-    bias=False,
     bitlinear=True,  # ternary BitLinear layers; False builds the same model with nn.Linear
     bit_norm=False,  # RMSNorm inside each BitLinear (the FAQ reference layout)
+    bias=False,  # gpt only: biases in Linears and LayerNorms
+    n_kv_head=0,  # llama only: key/value heads (grouped-query attention); 0 means n_head
+    ffn_hidden=0,  # llama only: MLP width; 0 means 8/3 * n_embd rounded up to a multiple of 64
+    mlp="swiglu",  # llama only: 'swiglu', or 'relu2' (squared ReLU, as BitNet b1.58 2B4T)
+    subln=False,  # llama only: RMSNorm before the attention and MLP output projections (2B4T)
+    rope_theta=10000.0,  # llama only
+    norm_eps=1e-5,  # llama only: RMSNorm epsilon
+    tie_embeddings=False,  # llama only: share the token embedding with the output head
     # AdamW and the learning-rate schedule
     learning_rate=1e-3,
     bit_lr_scale=4.0,  # BitLinear weights train at learning_rate * bit_lr_scale (see README)
@@ -60,7 +70,9 @@ DEFAULTS = dict(
     beta1=0.9,
     beta2=0.99,
     grad_clip=1.0,  # 0 disables clipping
-    decay_lr=True,  # cosine decay to min_lr after a linear warmup
+    decay_lr=True,  # decay to min_lr after a linear warmup, by lr_schedule
+    lr_schedule="cosine",  # 'cosine', or 'two_stage' (the BitNet b1.58 training tips, README)
+    wd_schedule="constant",  # 'constant', or 'two_stage': no weight decay in the second half
     warmup_iters=100,
     lr_decay_iters=2000,
     min_lr=1e-4,
@@ -102,6 +114,15 @@ def resolve(cfg):
         raise ConfigError(f"compile wants True, False or 'auto', got {cfg['compile']!r}")
     if cfg["arch"] not in ARCHS:
         raise ConfigError(f"arch '{cfg['arch']}' is not one of {', '.join(ARCHS)}")
+    foreign = set().union(*map(arch_keys, ARCHS)) - arch_keys(cfg["arch"])
+    changed = sorted(k for k in foreign if cfg[k] != DEFAULTS[k])
+    if changed:
+        raise ConfigError(f"{', '.join(changed)}: not a setting of arch '{cfg['arch']}'; drop "
+                          f"it or pick the arch it belongs to")
+    for key, choices in (("lr_schedule", ("cosine", "two_stage")),
+                         ("wd_schedule", ("constant", "two_stage")), ("mlp", ("swiglu", "relu2"))):
+        if cfg[key] not in choices:
+            raise ConfigError(f"{key} '{cfg[key]}' is not one of {', '.join(choices)}")
     if cfg["init_from"] not in ("scratch", "resume"):
         raise ConfigError(f"init_from '{cfg['init_from']}' is not 'scratch' or 'resume'")
     for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
@@ -110,20 +131,43 @@ def resolve(cfg):
             raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")
+    if cfg["n_kv_head"] < 0 or cfg["n_kv_head"] and cfg["n_head"] % cfg["n_kv_head"]:
+        raise ConfigError(f"n_kv_head={cfg['n_kv_head']} must divide n_head={cfg['n_head']} "
+                          f"(0 means n_head)")
+    if cfg["arch"] == "llama" and cfg["n_embd"] // cfg["n_head"] % 2:
+        raise ConfigError(f"llama's head size n_embd/n_head={cfg['n_embd'] // cfg['n_head']} "
+                          f"must be even (rotary embeddings turn pairs)")
     return cfg
 
 
-def get_lr(it, cfg):
-    """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters."""
-    if not cfg["decay_lr"]:
-        return cfg["learning_rate"]
-    if it < cfg["warmup_iters"]:
-        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
-    if it > cfg["lr_decay_iters"]:
-        return cfg["min_lr"]
+def decay_progress(it, cfg):
+    """How far step it is from the end of warmup (0) to lr_decay_iters (1)."""
     ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] -
-                                                                        cfg["min_lr"])
+    return min(max(ratio, 0.0), 1.0)
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then a decay from learning_rate to min_lr at lr_decay_iters: cosine, or
+    the b1.58 training tips' two stages (their 1.5e-3 -> 8e-4 over the first half, then a drop
+    to 5e-4 and a linear decay: here the same shape relative to learning_rate)."""
+    lr, min_lr = cfg["learning_rate"], cfg["min_lr"]
+    if not cfg["decay_lr"]:
+        return lr
+    if it < cfg["warmup_iters"]:
+        return lr * (it + 1) / (cfg["warmup_iters"] + 1)
+    p = decay_progress(it, cfg)
+    if cfg["lr_schedule"] == "two_stage":
+        if p < 0.5:
+            return lr * (1 - (7 / 15) * p / 0.5)
+        return min_lr + (lr / 3 - min_lr) * (1 - p) / 0.5
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * (lr - min_lr)
+
+
+def get_weight_decay(it, cfg):
+    """weight_decay, or with wd_schedule='two_stage' none from mid-decay on (b1.58 tips)."""
+    if cfg["wd_schedule"] == "two_stage" and decay_progress(it, cfg) >= 0.5:
+        return 0.0
+    return cfg["weight_decay"]
 
 
 @torch.no_grad()
@@ -228,6 +272,7 @@ class Trainer:
         self.optimizer = self.raw_model.configure_optimizers(
             cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type,
             cfg["bit_lr_scale"])
+        self.decayed = [g for g in self.optimizer.param_groups if g["weight_decay"] > 0]
         self.iter_num, self.best_val_loss = 0, float("inf")
         if ckpt:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -260,11 +305,10 @@ class Trainer:
             return losses
         self.bar.write(f"step {self.iter_num}: train loss {losses['train']:.4f}, "
                        f"val loss {losses['val']:.4f}")
-        self.metrics.write(json.dumps({
+        self.metrics.write({
             "step": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter,
             "train_loss": losses["train"], "val_loss": losses["val"],
-            "lr": get_lr(self.iter_num, self.cfg), "time": time.time() - self.t_start}) + "\n")
-        self.metrics.flush()
+            "lr": get_lr(self.iter_num, self.cfg), "time": time.time() - self.t_start})
         improved = losses["val"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, losses["val"])
         if self.iter_num > 0 and (improved or self.cfg["always_save_checkpoint"]):
@@ -280,6 +324,8 @@ class Trainer:
         lr = get_lr(self.iter_num, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
+        for group in self.decayed:
+            group["weight_decay"] = get_weight_decay(self.iter_num, self.cfg)
         accum = self.cfg["gradient_accumulation_steps"]
         for micro_step in range(accum):
             if self.world_size > 1:  # sync gradients on the last micro-step only
@@ -298,6 +344,16 @@ class Trainer:
         self.iter_num += 1
         return loss, lr
 
+    def log(self, loss, lr):
+        """The training loss and speed since the last log, to the progress bar and metrics."""
+        self.check_finite(loss)
+        (t, it), now = self.mark, time.time()
+        self.mark = (now, self.iter_num)
+        tokens_per_sec = (self.iter_num - it) * self.tokens_per_iter / max(now - t, 1e-9)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+        self.metrics.write({"step": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter,
+                            "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec})
+
     def check_finite(self, loss):
         """Stop on a NaN/inf loss before it reaches a checkpoint; the last good one stays."""
         if not math.isfinite(loss):
@@ -314,7 +370,7 @@ class Trainer:
             print(f"{cfg['arch']} {kind}: {self.raw_model.get_num_params() / 1e6:.2f}M parameters;"
                   f" device {self.device}, dtype {cfg['dtype']}, compile {cfg['compile']}, "
                   f"{self.world_size} process(es)")
-            self.metrics = open(self.out_dir / "metrics.jsonl", "a" if self.iter_num else "w")
+            self.metrics = MetricsLog(cfg, self.out_dir, append=self.iter_num > 0)
         self.t_start = time.time()
         self.bar = tqdm(total=cfg["max_iters"], initial=self.iter_num, disable=not master,
                         dynamic_ncols=True, desc="train")
@@ -324,6 +380,7 @@ class Trainer:
             while True:
                 if self.iter_num % cfg["eval_interval"] == 0 or self.iter_num >= cfg["max_iters"]:
                     losses = self.evaluate()
+                    self.mark = (time.time(), self.iter_num)  # speed leaves evaluation out
                 if self.iter_num >= cfg["max_iters"] or cfg["eval_only"]:
                     break
                 out_of_time = 0 < cfg["max_time"] < time.time() - self.t_start
@@ -338,9 +395,7 @@ class Trainer:
                 loss, lr = self.step()
                 self.bar.update(1)
                 if self.iter_num % cfg["log_interval"] == 0 and master:
-                    loss = loss.item() * cfg["gradient_accumulation_steps"]
-                    self.check_finite(loss)
-                    self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    self.log(loss.item() * cfg["gradient_accumulation_steps"], lr)
         self.bar.close()
         if master:
             self.metrics.close()
@@ -365,6 +420,9 @@ def main(argv=None, arch=None):
                 raise ConfigError(f"this entry trains '{arch}' models; drop --arch={cfg['arch']}")
             cfg["arch"] = arch
         return train(resolve(cfg))
+    if "--list_configs" in (sys.argv[1:] if argv is None else argv):
+        print(list_configs(Path(__file__).parent / "configs"))
+        return
     run_cli(DEFAULTS, run, "train.py", __doc__, argv)
 
 

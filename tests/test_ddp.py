@@ -1,12 +1,12 @@
 """DDP under torchrun (gloo, CPU): 2 processes follow the 1-process run of the same batch."""
 
-import json
 import subprocess
 import sys
 
 import torch
 
 from checkpoint import load_checkpoint
+from metrics import read_metrics
 from tests.conftest import ROOT
 
 
@@ -22,7 +22,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
         r = subprocess.run(cmd + common + [f"--out_dir={tmp_path / name}"], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-    curves = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    curves = {name: [m for m in read_metrics(tmp_path / name) if "val_loss" in m]
               for name in runs}
     assert [m["step"] for m in curves["one"]] == [m["step"] for m in curves["two"]] == \
         [0, 5, 10, 15, 20]

@@ -1,12 +1,13 @@
 """The training loop on real shakespeare_char data: loss falls, checkpoints resume exactly."""
 
-import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint
+from metrics import read_metrics
 from train import Trainer, get_lr
 
 
@@ -30,8 +31,11 @@ def test_checkpoint_contents(tiny_cfg):
     assert "state" in ckpt["optimizer"]
     with pytest.raises(CheckpointError, match="holds a 'gpt' model, not 'llama'"):
         load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt", arch="llama")
-    steps = [json.loads(line)["step"] for line in open(f"{tiny_cfg['out_dir']}/metrics.jsonl")]
-    assert steps == [0, 10, 20]
+    records = read_metrics(tiny_cfg["out_dir"])
+    assert [m["step"] for m in records if "val_loss" in m] == [0, 10, 20]  # evaluations
+    logs = [m for m in records if "loss" in m]  # every log_interval=5 steps
+    assert [m["step"] for m in logs] == [5, 10, 15, 20]
+    assert all(m["tokens"] == m["step"] * 8 * 32 and m["tokens_per_sec"] > 0 for m in logs)
 
 
 def test_resume_continues_exactly(tiny_cfg, tmp_path):
@@ -52,7 +56,7 @@ def test_resume_continues_exactly(tiny_cfg, tmp_path):
 
 def test_lr_schedule():
     cfg = dict(decay_lr=True, learning_rate=1e-3, min_lr=1e-4, warmup_iters=10,
-               lr_decay_iters=110)
+               lr_decay_iters=110, lr_schedule="cosine")
     assert get_lr(0, cfg) == pytest.approx(1e-3 / 11)
     assert get_lr(10, cfg) == pytest.approx(1e-3)
     assert get_lr(60, cfg) == pytest.approx(5.5e-4)  # halfway down the cosine
@@ -162,3 +166,25 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tiny_cfg):
         steps.append(load_checkpoint(ckpt_path)["iter_num"])  # loadable, whatever the moment
     assert steps == sorted(steps) and steps[-1] > 3  # each run resumed where the last one died
     assert Trainer(dict(tiny_cfg, init_from="resume")).iter_num == steps[-1]
+
+
+def test_wandb_gets_the_same_records(tiny_cfg, monkeypatch):
+    import types
+    calls = []
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw)) or fake,
+        log=lambda record, step: calls.append(("log", step, record)),
+        finish=lambda: calls.append(("finish",)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    Trainer(dict(tiny_cfg, wandb_log=True, wandb_project="p", wandb_run_name="r")).run()
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "p" and calls[0][1]["name"] == "r"
+    assert calls[-1] == ("finish",)
+    logged = [c[2] for c in calls if c[0] == "log"]
+    assert logged == read_metrics(tiny_cfg["out_dir"])  # the JSONL and wandb agree
+
+
+def test_wandb_missing_is_one_clear_line(tiny_cfg, monkeypatch):
+    from configurator import ConfigError
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(ConfigError, match="needs the 'wandb' package: pip install wandb"):
+        Trainer(dict(tiny_cfg, wandb_log=True)).run()

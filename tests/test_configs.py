@@ -1,0 +1,120 @@
+"""The config ladder: every config builds at its stated size and memory; schedules; the table."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from configurator import ConfigError, config_facts, parse_args
+from models import build_model, model_args, training_memory
+from tests.conftest import ROOT
+from train import DEFAULTS, get_lr, get_weight_decay, resolve
+
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+def load(path):
+    cfg = parse_args(DEFAULTS, [str(path)])
+    args = model_args(cfg["arch"], cfg)
+    args["vocab_size"] = 65 if cfg["dataset"] == "shakespeare_char" else 50304
+    return cfg, args
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_builds_at_its_stated_size_and_memory(path):
+    facts = config_facts(path)
+    assert facts["params"] and facts["memory"], f"{path.name} states no size or memory"
+    cfg, args = load(path)
+    with torch.device("meta"):  # no memory, even for 3B parameters
+        n = build_model(cfg["arch"], args).get_num_params()
+    assert abs(n - facts["params"]) / n < 0.02, (n, facts["params_text"])
+    assert facts["setting"] == f"batch_size {cfg['batch_size']}, {facts['setting'].split(', ')[1]}"
+    dtype = facts["setting"].split(", ")[1]
+    need = training_memory(cfg["arch"], args, cfg["batch_size"], dtype)
+    assert abs(need - facts["memory"]) / need < 0.02, (need / 1e9, facts["memory"] / 1e9)
+
+
+def test_the_ladder_spans_50k_to_over_1b_for_both_archs():
+    sizes = {}
+    for path in CONFIGS:
+        arch = parse_args(DEFAULTS, [str(path)])["arch"]
+        sizes.setdefault(arch, []).append(config_facts(path)["params"])
+    for arch in ("gpt", "llama"):
+        assert 45e3 <= min(sizes[arch]) <= 60e3 and max(sizes[arch]) > 1e9, arch
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_memory_estimate_counts_what_autograd_really_saves(arch):
+    """The meta-device count equals the bytes a real float32 CPU step keeps for the backward."""
+    args = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=65)
+    model = build_model(arch, args)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    idx = torch.randint(0, 65, (3, 32))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, idx)
+    n = sum(p.numel() for p in model.parameters())
+    real = 16 * n + sum(saved.values()) + 4 * idx.numel() * 65
+    assert training_memory(arch, args, 3, "float32") == pytest.approx(real, rel=1e-3)
+
+
+def test_list_configs_prints_every_config():
+    r = subprocess.run([sys.executable, "train.py", "--list_configs"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for path in CONFIGS:
+        line = next(ln for ln in r.stdout.splitlines() if f"configs/{path.name} " in ln)
+        assert config_facts(path)["params_text"] in line
+
+
+def test_include_takes_another_files_keys(tmp_path):
+    (tmp_path / "base.py").write_text("n_layer = 3\nn_head = 3\n")
+    (tmp_path / "top.py").write_text("include('base.py')\nn_head = 1\n")
+    cfg = parse_args(DEFAULTS, [str(tmp_path / "top.py")])
+    assert (cfg["n_layer"], cfg["n_head"]) == (3, 1)
+    (tmp_path / "bad.py").write_text("n_layrs = 3\n")
+    (tmp_path / "top2.py").write_text("include('bad.py')\n")
+    with pytest.raises(ConfigError, match="bad.py: unknown config key 'n_layrs'"):
+        parse_args(DEFAULTS, [str(tmp_path / "top2.py")])
+
+
+def test_keys_of_the_other_arch_are_refused():
+    with pytest.raises(ConfigError, match="mlp: not a setting of arch 'gpt'"):
+        resolve(dict(DEFAULTS, device="cpu", mlp="relu2"))
+    with pytest.raises(ConfigError, match="bias: not a setting of arch 'llama'"):
+        resolve(dict(DEFAULTS, device="cpu", arch="llama", bias=True))
+    with pytest.raises(ConfigError, match="n_kv_head=3 must divide n_head=4"):
+        resolve(dict(DEFAULTS, device="cpu", arch="llama", n_kv_head=3))
+    with pytest.raises(ConfigError, match="lr_schedule 'linear' is not one of"):
+        resolve(dict(DEFAULTS, device="cpu", lr_schedule="linear"))
+
+
+def test_two_stage_schedules():
+    cfg = dict(DEFAULTS, learning_rate=1.5e-3, min_lr=0.0, warmup_iters=0, lr_decay_iters=100,
+               lr_schedule="two_stage", wd_schedule="two_stage", weight_decay=0.1)
+    # the b1.58 training tips: 1.5e-3 -> 8e-4 over the first half, then 5e-4 -> 0
+    assert get_lr(0, cfg) == pytest.approx(1.5e-3)
+    assert get_lr(49, cfg) == pytest.approx(1.5e-3 - 0.7e-3 * 49 / 50)
+    assert get_lr(50, cfg) == pytest.approx(5e-4) and get_lr(75, cfg) == pytest.approx(2.5e-4)
+    assert get_lr(100, cfg) == pytest.approx(0.0)
+    assert [get_weight_decay(i, cfg) for i in (0, 49, 50, 99)] == [0.1, 0.1, 0.0, 0.0]
+    assert get_weight_decay(99, dict(cfg, wd_schedule="constant")) == 0.1
+
+
+def test_weight_decay_switch_off_reaches_the_optimizer(tiny_cfg):
+    from train import Trainer
+    trainer = Trainer(dict(tiny_cfg, wd_schedule="two_stage", warmup_iters=0,
+                           lr_decay_iters=4, max_iters=4))
+    decays = []
+    for _ in range(4):
+        trainer.next_batch()
+        trainer.step()
+        decays.append(sorted({g["weight_decay"] for g in trainer.optimizer.param_groups}))
+    assert decays == [[0.0, 0.1], [0.0, 0.1], [0.0], [0.0]]
