@@ -8,7 +8,7 @@ import torch
 
 from configurator import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name (FSDP or not)
 
 
 class CheckpointError(UserError):

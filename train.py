@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import distributed
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import ConfigError, UserError, list_configs, run_cli
 from data.loader import Data
@@ -77,7 +78,9 @@ DEFAULTS = dict(
     lr_decay_iters=2000,
     min_lr=1e-4,
     # system
-    backend="nccl",  # DDP backend: 'nccl' on GPUs, 'gloo' on CPUs
+    backend="nccl",  # torchrun's backend: 'nccl' on GPUs, 'gloo' on CPUs
+    fsdp=False,  # shard weights, gradients and AdamW state across processes (FSDP2), see README
+    activation_checkpointing=False,  # recompute each block's activations in the backward
     device="auto",  # 'auto' picks cuda, else mps, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype="auto",  # 'auto': bfloat16 on GPUs that have it, else float16 on cuda, else float32
     compile="auto",  # torch.compile; 'auto' means on for cuda, off elsewhere
@@ -204,24 +207,6 @@ class StopFlag:
         self.signal = signal.Signals(signum).name
 
 
-def setup_distributed(cfg):
-    """DDP under torchrun: (rank, local_rank, world_size); (0, 0, 1) when not distributed."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return 0, 0, 1
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    if cfg["gradient_accumulation_steps"] % world_size:
-        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} does "
-                          f"not divide across {world_size} processes; make it a multiple")
-    from torch.distributed import init_process_group
-    init_process_group(backend=cfg["backend"])
-    if cfg["device"].startswith("cuda"):
-        cfg["device"] = f"cuda:{local_rank}"
-        torch.cuda.set_device(cfg["device"])
-    cfg["gradient_accumulation_steps"] //= world_size
-    return rank, local_rank, world_size
-
-
 class TrainingError(UserError):
     """Training cannot go on (a diverged loss); the message says what to try."""
 
@@ -242,11 +227,11 @@ class Trainer:
     """One training run: model, optimizer and data, with evaluate / save / step / run."""
 
     def __init__(self, cfg):
-        self.rank, _, self.world_size = setup_distributed(cfg)
+        self.rank, _, self.world_size = distributed.setup(cfg)
         self.master = self.rank == 0
         self.cfg, self.device = cfg, cfg["device"]
         device_type = self.device.split(":")[0]
-        torch.manual_seed(cfg["seed"] + self.rank)
+        torch.manual_seed(cfg["seed"])  # the same initial weights in every process (FSDP)
         self.out_dir = Path(cfg["out_dir"])
         self.data = Data(cfg, self.device, cfg["seed"], self.rank, self.world_size)
         ckpt = None
@@ -265,6 +250,8 @@ class Trainer:
         else:
             self.raw_model = build_model(cfg["arch"], self.args)
         self.raw_model.to(self.device)
+        distributed.prepare(self.raw_model, cfg)  # FSDP shards it in place, before AdamW sees it
+        torch.manual_seed(cfg["seed"] + self.rank)  # but different dropout in each
         ptdtype = getattr(torch, cfg["dtype"])
         self.ctx = (nullcontext() if ptdtype == torch.float32
                     else torch.autocast(device_type=device_type, dtype=ptdtype))
@@ -275,23 +262,25 @@ class Trainer:
         self.decayed = [g for g in self.optimizer.param_groups if g["weight_decay"] > 0]
         self.iter_num, self.best_val_loss = 0, float("inf")
         if ckpt:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            distributed.load_optimizer_state(self.raw_model, self.optimizer, ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
             self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
             torch.set_rng_state(ckpt["rng"]["torch"])
             self.data.generator.set_state(ckpt["rng"]["data"])
-        self.model = torch.compile(self.raw_model) if cfg["compile"] else self.raw_model
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            ids = [int(self.device.split(":")[1])] if device_type == "cuda" else None
-            self.model = DDP(self.model, device_ids=ids)
+        self.model = distributed.wrap(self.raw_model, cfg, self.world_size)
         self.tokens_per_iter = (cfg["gradient_accumulation_steps"] * self.world_size
                                 * cfg["batch_size"] * cfg["block_size"])
 
     def save(self, val_loss):
+        """Write out_dir/ckpt.pt. Every process calls this (FSDP gathers the shards); the
+        master writes."""
+        model_state, optimizer_state = distributed.full_state(self.raw_model, self.optimizer,
+                                                              self.cfg)
+        if not self.master:
+            return
         save_checkpoint({
             "arch": self.cfg["arch"], "model_args": self.args, "config": self.cfg,
-            "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": model_state, "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(), "iter_num": self.iter_num,
             "best_val_loss": self.best_val_loss, "val_loss": val_loss, "meta": self.data.meta,
             "rng": {"torch": torch.get_rng_state(), "data": self.batch_state},
@@ -301,14 +290,13 @@ class Trainer:
         """Estimate losses, log them, and save a checkpoint when due (on the master only)."""
         losses = estimate_loss(self.model, self.data, self.cfg, self.ctx)
         self.check_finite(losses["train"])
-        if not self.master:
-            return losses
-        self.bar.write(f"step {self.iter_num}: train loss {losses['train']:.4f}, "
-                       f"val loss {losses['val']:.4f}")
-        self.metrics.write({
-            "step": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter,
-            "train_loss": losses["train"], "val_loss": losses["val"],
-            "lr": get_lr(self.iter_num, self.cfg), "time": time.time() - self.t_start})
+        if self.master:
+            self.bar.write(f"step {self.iter_num}: train loss {losses['train']:.4f}, "
+                           f"val loss {losses['val']:.4f}")
+            self.metrics.write({
+                "step": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter,
+                "train_loss": losses["train"], "val_loss": losses["val"],
+                "lr": get_lr(self.iter_num, self.cfg), "time": time.time() - self.t_start})
         improved = losses["val"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, losses["val"])
         if self.iter_num > 0 and (improved or self.cfg["always_save_checkpoint"]):
@@ -328,8 +316,8 @@ class Trainer:
             group["weight_decay"] = get_weight_decay(self.iter_num, self.cfg)
         accum = self.cfg["gradient_accumulation_steps"]
         for micro_step in range(accum):
-            if self.world_size > 1:  # sync gradients on the last micro-step only
-                self.model.require_backward_grad_sync = micro_step == accum - 1
+            # reduce gradients across processes on the last micro-step only
+            distributed.set_gradient_sync(self.model, self.cfg, micro_step == accum - 1)
             with self.ctx:
                 _, loss = self.model(self.x, self.y)
                 loss = loss / accum
@@ -385,8 +373,8 @@ class Trainer:
                     break
                 out_of_time = 0 < cfg["max_time"] < time.time() - self.t_start
                 if stop.signal or out_of_time:
+                    self.save(losses["val"] if losses else float("nan"))
                     if master:
-                        self.save(losses["val"] if losses else float("nan"))
                         why = stop.signal or f"max_time={cfg['max_time']}s reached"
                         self.bar.write(f"{why}: saved {self.out_dir / 'ckpt.pt'} at step "
                                        f"{self.iter_num}; resume: the same command plus "

@@ -88,10 +88,10 @@ def test_derived_settings_are_decided_after_overrides():
 
 
 def test_gradient_accumulation_must_divide_across_processes(monkeypatch):
+    from distributed import setup
     from train import DEFAULTS as TRAIN_DEFAULTS
-    from train import setup_distributed
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="3").items():
         monkeypatch.setenv(k, v)
     cfg = dict(TRAIN_DEFAULTS, gradient_accumulation_steps=4, backend="gloo")
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=4 does not divide across 3"):
-        setup_distributed(cfg)
+        setup(cfg)

@@ -1,0 +1,103 @@
+"""Several processes under torchrun (gloo, CPU): DDP and FSDP follow the 1-process run of the
+same global batch; FSDP checkpoints resume; activation checkpointing changes no number."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint
+from metrics import read_metrics
+from tests.conftest import ROOT
+
+COMMON = ["--device=cpu", "--backend=gloo", "--n_layer=2", "--n_head=2", "--n_embd=32",
+          "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=2",
+          "--lr_decay_iters=20", "--warmup_iters=2", "--eval_interval=5", "--eval_iters=2",
+          "--learning_rate=3e-3"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def train(out, data_dir, *args, launcher=(sys.executable,)):
+    r = subprocess.run([*launcher, "train.py", *COMMON, f"--data_dir={data_dir}",
+                        f"--out_dir={out}", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [m for m in read_metrics(out) if "val_loss" in m]
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    return out, train(out, data_dir, "--max_iters=20")
+
+
+def assert_same_run(a_dir, a, b_dir, b, tol=1e-4):
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 5, 10, 15, 20]
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["train_loss"] - y["train_loss"]) < tol and \
+            abs(x["val_loss"] - y["val_loss"]) < tol, (x, y)
+    one, two = (load_checkpoint(d / "ckpt.pt")["model"] for d in (a_dir, b_dir))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(mode, one_process, data_dir, tmp_path):
+    one_dir, one = one_process
+    assert one[-1]["val_loss"] < one[0]["val_loss"] - 0.3  # it did learn
+    two = train(tmp_path, data_dir, "--max_iters=20", f"--fsdp={mode == 'fsdp'}",
+                launcher=TORCHRUN)
+    assert_same_run(one_dir, one, tmp_path, two)
+
+
+def test_fsdp_checkpoint_resumes_with_and_without_fsdp(one_process, data_dir, tmp_path):
+    one_dir, one = one_process
+    train(tmp_path / "a", data_dir, "--max_iters=10", "--fsdp=True", launcher=TORCHRUN)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "ckpt.pt").write_bytes((tmp_path / "a" / "ckpt.pt").read_bytes())
+    train(tmp_path / "a", data_dir, "--max_iters=20", "--fsdp=True", "--init_from=resume",
+          launcher=TORCHRUN)
+    # the same checkpoint, resumed by one process without FSDP (2x the accumulation)
+    train(tmp_path / "b", data_dir, "--max_iters=20", "--init_from=resume",
+          "--gradient_accumulation_steps=2")
+    final = load_checkpoint(one_dir / "ckpt.pt")
+    for run in ("a", "b"):
+        ckpt = load_checkpoint(tmp_path / run / "ckpt.pt")
+        assert ckpt["iter_num"] == 20
+        assert abs(ckpt["val_loss"] - final["val_loss"]) < 1e-4, run
+        for k, v in final["model"].items():
+            torch.testing.assert_close(ckpt["model"][k], v, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_activation_checkpointing_changes_no_number(arch):
+    from distributed import checkpoint_activations
+    from models import build_model
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65)
+    plain, recomputed = build_model(arch, args), build_model(arch, args)
+    recomputed.load_state_dict(plain.state_dict())
+    checkpoint_activations(recomputed)
+    idx = torch.randint(0, 65, (3, 16))
+    losses = [m(idx, idx)[1] for m in (plain, recomputed)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(*losses)
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_memory_estimates_for_sharding_and_recomputation():
+    from models import build_model, saved_activations, training_memory
+    args = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
+    plain = training_memory("gpt", args, 12)
+    sharded = training_memory("gpt", args, 12, shards=8)
+    recomputed = training_memory("gpt", args, 12, activation_checkpointing=True)
+    n = 123.59e6 + 1024 * 768  # get_num_params() + position embeddings
+    block = 12 * 768 * 768 + 2 * 768  # one block's weights, gathered whole in float32
+    assert plain - sharded == pytest.approx(18 * n * 7 / 8 - 2 * 4 * block, rel=1e-3)
+    with torch.device("meta"):
+        _, per_block = saved_activations(build_model("gpt", args).bfloat16(), 12)
+    assert len(per_block) == 12 and min(per_block) == max(per_block) > 0
+    assert plain - recomputed > 0.75 * sum(per_block)  # most of the blocks' activations go
