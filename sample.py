@@ -33,10 +33,13 @@ DEFAULTS = dict(
 
 
 class Tokenizer:
-    """The checkpoint's characters (meta with stoi/itos), else GPT-2 BPE via tiktoken."""
+    """The checkpoint's characters (meta with stoi/itos), else GPT-2 BPE via tiktoken.
+    meta['tokenizer'] ('char' or 'gpt2') decides; older metas without it are characters when
+    they have stoi, and no meta at all means GPT-2."""
 
     def __init__(self, meta):
-        if meta and "stoi" in meta:
+        meta = meta or {}
+        if meta.get("tokenizer", "char" if "stoi" in meta else "gpt2") == "char":
             self.stoi = meta["stoi"]
             self.itos = {int(i): ch for i, ch in meta["itos"].items()}  # JSON keys are strings
         else:

@@ -260,11 +260,12 @@ class Trainer:
             cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type,
             cfg["bit_lr_scale"])
         self.decayed = [g for g in self.optimizer.param_groups if g["weight_decay"] > 0]
-        self.iter_num, self.best_val_loss = 0, float("inf")
+        self.iter_num, self.best_val_loss, self.elapsed_before = 0, float("inf"), 0.0
         if ckpt:
             distributed.load_optimizer_state(self.raw_model, self.optimizer, ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
             self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+            self.elapsed_before = ckpt["elapsed"]
             torch.set_rng_state(ckpt["rng"]["torch"])
             self.data.generator.set_state(ckpt["rng"]["data"])
         self.model = distributed.wrap(self.raw_model, cfg, self.world_size)
@@ -284,7 +285,12 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "iter_num": self.iter_num,
             "best_val_loss": self.best_val_loss, "val_loss": val_loss, "meta": self.data.meta,
             "rng": {"torch": torch.get_rng_state(), "data": self.batch_state},
+            "elapsed": self.elapsed(),
         }, self.out_dir / "ckpt.pt")
+
+    def elapsed(self):
+        """Seconds this run has trained (evaluations included), summed over its resumes."""
+        return self.elapsed_before + time.time() - self.t_start
 
     def evaluate(self):
         """Estimate losses, log them, and save a checkpoint when due (on the master only)."""
@@ -293,10 +299,12 @@ class Trainer:
         if self.master:
             self.bar.write(f"step {self.iter_num}: train loss {losses['train']:.4f}, "
                            f"val loss {losses['val']:.4f}")
+            bytes_per_token = self.data.val_bytes_per_token
             self.metrics.write({
                 "step": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter,
                 "train_loss": losses["train"], "val_loss": losses["val"],
-                "lr": get_lr(self.iter_num, self.cfg), "time": time.time() - self.t_start})
+                "val_bpb": losses["val"] / math.log(2) / bytes_per_token if bytes_per_token
+                else None, "lr": get_lr(self.iter_num, self.cfg), "time": self.elapsed()})
         improved = losses["val"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, losses["val"])
         if self.iter_num > 0 and (improved or self.cfg["always_save_checkpoint"]):

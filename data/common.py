@@ -1,16 +1,38 @@
-"""What every data/<name>/prepare.py shares: fetching text, and writing train.bin / val.bin."""
+"""What every data/<name>/prepare.py shares: fetching text, tokenizing it, writing the files.
 
+A prepared dataset is a folder with train.bin and val.bin (token ids, back to back, in the dtype
+that meta.pkl names) and meta.pkl ({'vocab_size', 'tokenizer': 'char' or 'gpt2', 'dtype'}, plus
+'stoi'/'itos' for characters). Large corpora never sit in memory: documents are tokenized in
+batches and appended to the .bin files as they come.
+"""
+
+import codecs
+import multiprocessing
 import os
 import pickle
 import urllib.request
+from collections import deque
+from contextlib import closing
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from configurator import UserError
+
 TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                        "tinyshakespeare/input.txt")
 TINYSHAKESPEARE_ENV = "TINYSHAKESPEARE_PATH"  # a local copy, for offline machines and tests
+
+EOT = 50256  # GPT-2's <|endoftext|>, appended after every document to mark where it ends
+# GPT-2 has 50257 tokens; models get 50304, the next multiple of 64, as in nanoGPT (faster matmuls).
+# train.py builds its model with meta['vocab_size'], so gpt2 datasets record the padded size.
+GPT2_VOCAB_SIZE = 50304
+
+
+class DataError(UserError):
+    """A problem with the user's data or setup; shown as one line."""
 
 
 def download(url, dest):
@@ -43,13 +65,237 @@ def tinyshakespeare_text(folder, input_path=None):
     return Path(path).read_text(encoding="utf-8")
 
 
-def write_splits(train_ids, val_ids, folder, dtype=np.uint16, meta=None):
-    """Write token ids to folder/train.bin and folder/val.bin (+ meta.pkl when given)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    np.asarray(train_ids, dtype=dtype).tofile(folder / "train.bin")
-    np.asarray(val_ids, dtype=dtype).tofile(folder / "val.bin")
-    if meta is not None:
-        with open(folder / "meta.pkl", "wb") as f:
-            pickle.dump(meta, f)
-    print(f"{folder}: train has {len(train_ids):,} tokens, val has {len(val_ids):,} tokens")
+# ---- meta.pkl -------------------------------------------------------------------------------
+
+def dtype_for(vocab_size):
+    """The smallest dtype that holds every id (0 .. vocab_size-1): 2 bytes a token when it fits."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def char_meta(chars):
+    """meta for a one-token-per-character vocabulary (sample.py decodes with itos)."""
+    return {"vocab_size": len(chars), "tokenizer": "char", "dtype": dtype_for(len(chars)),
+            "stoi": {ch: i for i, ch in enumerate(chars)},
+            "itos": {i: ch for i, ch in enumerate(chars)}}
+
+
+def gpt2_meta(**extra):
+    return {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "dtype": "uint16", **extra}
+
+
+# ---- writing train.bin / val.bin ------------------------------------------------------------
+
+class BinFile:
+    """Token ids appended to one .bin file; counts what it wrote."""
+
+    def __init__(self, path, dtype):
+        self.path, self.dtype, self.n = Path(path), np.dtype(dtype), 0
+        self.f = open(self.path, "wb")
+
+    def write(self, ids):
+        ids = np.asarray(ids)
+        if ids.size and int(ids.max()) > np.iinfo(self.dtype).max:
+            raise DataError(f"token id {int(ids.max())} does not fit in {self.dtype}")
+        ids.astype(self.dtype, copy=False).tofile(self.f)
+        self.n += ids.size
+
+
+class DatasetWriter:
+    """Writes folder/{train,val}.bin through temporary .part files that replace the old files,
+    with meta.pkl, only when every split is complete: a failure halfway leaves no mixed dataset.
+
+        with DatasetWriter(folder, meta) as out:
+            out.split("train").write(ids)
+    """
+
+    def __init__(self, folder, meta):
+        self.folder, self.meta, self.files = Path(folder), meta, {}
+
+    def __enter__(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def split(self, name):
+        self.files[name] = BinFile(self.folder / f"{name}.bin.part", self.meta["dtype"])
+        return self.files[name]
+
+    def __exit__(self, exc_type, *exc):
+        for f in self.files.values():
+            f.f.close()
+        if exc_type is not None:
+            for f in self.files.values():
+                f.path.unlink(missing_ok=True)
+            if not any(self.folder.iterdir()):
+                self.folder.rmdir()  # an empty folder would look like a dataset
+            return
+        for name, f in self.files.items():
+            os.replace(f.path, self.folder / f"{name}.bin")
+        tmp = self.folder / "meta.pkl.part"
+        tmp.write_bytes(pickle.dumps(self.meta))
+        os.replace(tmp, self.folder / "meta.pkl")
+        counts = ", ".join(f"{name} has {f.n:,} tokens" for name, f in self.files.items())
+        print(f"{self.folder}: {counts} ({self.meta['dtype']}, vocab_size "
+              f"{self.meta['vocab_size']})")
+
+    def counts(self):
+        return {name: f.n for name, f in self.files.items()}
+
+
+def write_splits(train_ids, val_ids, folder, meta):
+    """Write in-memory token ids to folder/train.bin and folder/val.bin, with meta.pkl."""
+    with DatasetWriter(folder, meta) as out:
+        out.split("train").write(train_ids)
+        out.split("val").write(val_ids)
+
+
+# ---- GPT-2 BPE on many documents, in worker processes ---------------------------------------
+
+def _encode_batch(task):
+    """Worker: (docs, eot) -> (ids of all docs back to back, tokens per doc, utf-8 bytes)."""
+    import tiktoken
+    docs, eot = task
+    enc = tiktoken.get_encoding("gpt2")  # cached per process by tiktoken
+    ids, lengths = [], []
+    for doc in docs:
+        n = len(ids)
+        ids.extend(enc.encode_ordinary(doc))  # ordinary: text that spells <|endoftext|> stays text
+        if eot:
+            ids.append(EOT)
+        lengths.append(len(ids) - n)
+    nbytes = sum(len(doc.encode("utf-8")) for doc in docs)
+    return np.array(ids, dtype=np.uint16), np.array(lengths, dtype=np.int64), nbytes
+
+
+def _batched(items, n):
+    items = iter(items)
+    while batch := list(islice(items, n)):
+        yield batch
+
+
+def gpt2_batches(docs, num_proc=1, batch_docs=256, eot=True):
+    """Yield _encode_batch's result for consecutive batches of docs, in order. With num_proc > 1
+    the batches go to a pool with a bounded number in flight (Pool.imap would read the whole
+    corpus ahead into memory), so the output is the same bytes for any num_proc."""
+    tasks = ((batch, eot) for batch in _batched(docs, batch_docs))
+    if num_proc <= 1:
+        yield from map(_encode_batch, tasks)
+        return
+    with multiprocessing.Pool(num_proc) as pool:
+        pending = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(_encode_batch, (task,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def write_docs(docs, out, num_proc=1, max_tokens=0, total_bytes=None, eot=True, batch_docs=256):
+    """Tokenize an iterable of documents (str) with GPT-2 BPE into BinFile out, EOT after each
+    one when eot. With max_tokens, stop after the document that reaches it (whole documents
+    only). Returns the number of documents written."""
+    n_docs = 0
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=out.path.name.split(".")[0])
+    with bar, closing(gpt2_batches(docs, num_proc, batch_docs, eot)) as batches:
+        for ids, lengths, nbytes in batches:
+            done = bool(max_tokens) and out.n + len(ids) >= max_tokens
+            if done:
+                ends = np.cumsum(lengths)
+                k = int(np.searchsorted(ends, max_tokens - out.n))  # the doc that reaches it
+                ids, lengths = ids[:ends[k]], lengths[:k + 1]
+            out.write(ids)
+            n_docs += len(lengths)
+            bar.update(nbytes)
+            bar.set_postfix(docs=f"{n_docs:,}", tokens=f"{out.n:,}", refresh=False)
+            if done:
+                break
+    return n_docs
+
+
+def write_gpt2_splits(splits, folder, num_proc=1, total_bytes=None, **meta):
+    """{'train': docs, 'val': docs} -> folder/{train,val}.bin (EOT after each document) and
+    meta.pkl. Returns the token count of each split."""
+    total_bytes = total_bytes or {}
+    with DatasetWriter(folder, gpt2_meta(**meta)) as out:
+        for name, docs in splits.items():
+            write_docs(docs, out.split(name), num_proc, total_bytes=total_bytes.get(name))
+    return out.counts()
+
+
+# ---- the user's own text, streamed ----------------------------------------------------------
+
+def read_utf8(path, start=0, stop=None, chunk_size=1 << 20, desc=None):
+    """Yield the text of bytes [start, stop) of a file, chunk_size bytes at a time (a character
+    cut by a chunk boundary is completed from the next chunk). Invalid UTF-8 raises DataError
+    with its byte offset in the file. start and stop must fall on character boundaries."""
+    stop = os.path.getsize(path) if stop is None else stop
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    bar = tqdm(total=stop - start, unit="B", unit_scale=True, desc=desc, disable=desc is None)
+    with open(path, "rb") as f, bar:
+        f.seek(start)
+        pos = start
+        while pos < stop:
+            chunk = f.read(min(chunk_size, stop - pos))
+            if not chunk:
+                break
+            base = pos - len(decoder.getstate()[0])  # bytes held back from the last chunk
+            pos += len(chunk)
+            try:
+                text = decoder.decode(chunk, final=pos >= stop)
+            except UnicodeDecodeError as e:
+                raise DataError(f"'{path}' is not UTF-8 text: invalid byte "
+                                f"0x{e.object[e.start]:02x} at byte offset {base + e.start:,}"
+                                ) from None
+            bar.update(len(chunk))
+            if text:
+                yield text
+
+
+def char_boundary(path, offset):
+    """The first offset >= offset where a UTF-8 character starts (skips continuation bytes)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for b in f.read(4):
+            if b & 0xC0 != 0x80:
+                break
+            offset += 1
+    return offset
+
+
+# ---- HuggingFace datasets (optional) --------------------------------------------------------
+
+def require_datasets(script):
+    """The `datasets` package, or a one-line DataError saying how to install it."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{script} needs the 'datasets' package: pip install datasets") from None
+    return datasets
+
+
+def load_hf(datasets, *args, **kwargs):
+    """datasets.load_dataset, with download and hub errors as one line."""
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except (OSError, ConnectionError, RuntimeError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"could not load {args[0]} from the HuggingFace hub ({msg}); offline, "
+                        f"or a 'datasets' version that cannot read it?") from None
+
+
+def hf_texts(ds, column="text", batch_size=1000):
+    """The column's strings, read batch by batch (ds[column] would load them all at once)."""
+    try:
+        for batch in ds.select_columns([column]).iter(batch_size=batch_size):
+            yield from batch[column]
+    except (OSError, ConnectionError) as e:  # a streamed dataset downloads as it goes
+        raise DataError(f"reading the dataset failed ({type(e).__name__}: {e}); nothing was "
+                        f"written, run the same command again") from None
+
+
+def hf_num_bytes(ds):
+    """A split's size from the dataset card, for the progress bar; None when unknown."""
+    try:
+        return ds.info.splits[str(ds.split)].num_bytes
+    except (AttributeError, KeyError, TypeError):
+        return None

@@ -1,5 +1,6 @@
 """Batches for training: random windows of a prepared dataset's train.bin / val.bin."""
 
+import functools
 import importlib
 import pickle
 from pathlib import Path
@@ -25,8 +26,14 @@ class Data:
         if (self.folder / "meta.pkl").exists():
             with open(self.folder / "meta.pkl", "rb") as f:
                 self.meta = pickle.load(f)
+        # ids are uint16 unless meta says otherwise (folders prepared before meta had a dtype)
+        dtype = (self.meta or {}).get("dtype", "uint16")
+        if dtype not in ("uint16", "uint32"):
+            raise ConfigError(f"{self.folder / 'meta.pkl'} has dtype {dtype!r}, not 'uint16' or "
+                              f"'uint32'; prepare the dataset again")
+        self.dtype = np.dtype(dtype)
         for split in ("train", "val"):
-            n = (self.folder / f"{split}.bin").stat().st_size // 2
+            n = (self.folder / f"{split}.bin").stat().st_size // self.dtype.itemsize
             if n <= self.block_size:
                 raise ConfigError(f"{self.folder / f'{split}.bin'} has {n} tokens, too few for "
                                   f"block_size={self.block_size}; use more text or a smaller "
@@ -49,11 +56,32 @@ class Data:
             raise ConfigError(f"no dataset '{cfg['dataset']}' in {self.folder.parent} and no "
                               f"data/{cfg['dataset']}/prepare.py to make it")
 
+    @functools.cached_property
+    def val_bytes_per_token(self):
+        """UTF-8 bytes of text per token of val.bin, to turn nats per token into bits per byte
+        (which compares models across tokenizers); None when the tokenizer is unknown."""
+        meta = self.meta or {}
+        tokenizer = meta.get("tokenizer", "char" if "stoi" in meta else "gpt2")
+        if tokenizer == "char":
+            lengths = np.zeros(meta["vocab_size"], dtype=np.int64)
+            for i, ch in meta["itos"].items():
+                lengths[int(i)] = len(ch.encode("utf-8"))
+        elif tokenizer == "gpt2":
+            import tiktoken
+            enc = tiktoken.get_encoding("gpt2")  # <|endoftext|> separates texts: 0 bytes
+            lengths = np.array([len(enc.decode_single_token_bytes(i)) if i < enc.eot_token
+                                else 0 for i in range(enc.n_vocab)], dtype=np.int64)
+        else:
+            return None
+        ids = np.memmap(self.folder / "val.bin", dtype=self.dtype, mode="r")
+        counts = np.bincount(ids, minlength=len(lengths))[:len(lengths)]
+        return float(counts @ lengths) / len(ids)
+
     def batch(self, split, generator=None):
         """A (x, y) batch of windows; training batches are this process's share, evaluation
         batches (from the given generator) are the same on every process."""
         # a fresh memmap per batch avoids a memory leak (as nanoGPT notes)
-        data = np.memmap(self.folder / f"{split}.bin", dtype=np.uint16, mode="r")
+        data = np.memmap(self.folder / f"{split}.bin", dtype=self.dtype, mode="r")
         B, n = self.batch_size, 1 if generator else self.world_size
         r = 0 if generator else self.rank
         ix = torch.randint(len(data) - self.block_size, (n * B,),

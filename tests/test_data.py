@@ -12,6 +12,7 @@ def test_shakespeare_char(corpus, data_dir):
     val = np.fromfile(folder / "val.bin", dtype=np.uint16)
     meta = pickle.loads((folder / "meta.pkl").read_bytes())
     assert (len(train), len(val), meta["vocab_size"]) == (1_003_854, 111_540, 65)
+    assert (meta["tokenizer"], meta["dtype"]) == ("char", "uint16")
     text = "".join(meta["itos"][int(i)] for i in np.concatenate([train, val]))
     assert text == corpus.read_text(encoding="utf-8")
 
@@ -27,6 +28,9 @@ def test_shakespeare_gpt2(corpus, tmp_path):
     train = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
     val = np.fromfile(tmp_path / "val.bin", dtype=np.uint16)
     assert (len(train), len(val)) == (301_966, 36_059)
+    # the model's vocabulary is GPT-2's 50257 padded to 50304, as train.py's default
+    meta = pickle.loads((tmp_path / "meta.pkl").read_bytes())
+    assert (meta["vocab_size"], meta["tokenizer"], meta["dtype"]) == (50304, "gpt2", "uint16")
     text = corpus.read_text(encoding="utf-8")
     n = int(len(text) * 0.9)
     assert enc.decode(train.tolist()) == text[:n] and enc.decode(val.tolist()) == text[n:]
@@ -54,3 +58,21 @@ def test_unprepared_dataset_names_its_prepare_script(tmp_path, monkeypatch):
                              dataset="shakespeare"))
     with pytest.raises(ConfigError, match=r"not prepared .*run: python data/shakespeare/prepare"):
         data.loader.Data(cfg, "cpu", seed=0)
+
+
+def test_bytes_per_token_gives_bits_per_byte(corpus, tmp_path, monkeypatch):
+    pytest.importorskip("tiktoken")
+    from data.loader import Data
+    from data.shakespeare.prepare import prepare
+    from train import DEFAULTS, resolve
+    prepare(tmp_path / "shakespeare", corpus)
+    text = corpus.read_text(encoding="utf-8")
+    val_text = text[int(len(text) * 0.9):]
+    cfg = resolve(dict(DEFAULTS, device="cpu", data_dir=str(tmp_path), dataset="shakespeare"))
+    assert Data(cfg, "cpu", 0).val_bytes_per_token == len(val_text.encode()) / 36_059
+    (tmp_path / "uni").mkdir()  # characters of 1, 2 and 4 bytes
+    from data.common import char_meta, write_splits
+    meta = char_meta(["a", "é", "🙂"])
+    write_splits([0] * 100, [0, 1, 2, 2] * 20, tmp_path / "uni", meta)
+    cfg = resolve(dict(cfg, dataset="uni", block_size=8))
+    assert Data(cfg, "cpu", 0).val_bytes_per_token == (1 + 2 + 4 + 4) / 4

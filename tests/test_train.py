@@ -1,5 +1,6 @@
 """The training loop on real shakespeare_char data: loss falls, checkpoints resume exactly."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -32,7 +33,10 @@ def test_checkpoint_contents(tiny_cfg):
     with pytest.raises(CheckpointError, match="holds a 'gpt' model, not 'llama'"):
         load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt", arch="llama")
     records = read_metrics(tiny_cfg["out_dir"])
-    assert [m["step"] for m in records if "val_loss" in m] == [0, 10, 20]  # evaluations
+    evals = [m for m in records if "val_loss" in m]
+    assert [m["step"] for m in evals] == [0, 10, 20]
+    assert evals[-1]["val_bpb"] == evals[-1]["val_loss"] / math.log(2)  # ASCII: 1 byte a token
+    assert 0 < evals[-1]["time"] <= ckpt["elapsed"]  # training seconds, summed over resumes
     logs = [m for m in records if "loss" in m]  # every log_interval=5 steps
     assert [m["step"] for m in logs] == [5, 10, 15, 20]
     assert all(m["tokens"] == m["step"] * 8 * 32 and m["tokens_per_sec"] > 0 for m in logs)

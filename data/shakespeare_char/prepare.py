@@ -1,4 +1,4 @@
-"""Tiny Shakespeare, one token per character: train.bin, val.bin (uint16) and meta.pkl.
+"""Tiny Shakespeare, one token per character: train.bin, val.bin (uint16) and meta.pkl (1.1 MB).
 
     python data/shakespeare_char/prepare.py [--input=path/to/input.txt] [--out=folder]
 """
@@ -8,21 +8,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `data.common`
 
-from data.common import tinyshakespeare_text, write_splits  # noqa: E402
+from data.common import char_meta, tinyshakespeare_text, write_splits  # noqa: E402
 
 HERE = Path(__file__).parent
 
 
 def prepare(out=HERE, input_path=None):
     text = tinyshakespeare_text(out, input_path)
-    chars = sorted(set(text))
-    stoi = {ch: i for i, ch in enumerate(chars)}
-    itos = {i: ch for i, ch in enumerate(chars)}
-    print(f"{len(text):,} characters, vocabulary of {len(chars)}")
-    ids = [stoi[c] for c in text]
+    meta = char_meta(sorted(set(text)))
+    print(f"{len(text):,} characters, vocabulary of {meta['vocab_size']}")
+    ids = [meta["stoi"][c] for c in text]
     n = int(len(ids) * 0.9)
-    write_splits(ids[:n], ids[n:], out,
-                 meta={"vocab_size": len(chars), "itos": itos, "stoi": stoi})
+    write_splits(ids[:n], ids[n:], out, meta)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""TinyStories (roneneldan/TinyStories) in GPT-2 BPE tokens: train.bin, val.bin (uint16), meta.pkl.
+
+    python data/tinystories/prepare.py [--num_proc=8] [--out=data/tinystories]
+
+Short stories in simple English written by GPT-3.5/GPT-4 (Eldan & Li, 2023): 2,119,719 training
+and about 22,000 validation stories, 1.9 GB of text. The download is about 1 GB of parquet files
+into the HuggingFace cache (~/.cache/huggingface); the dataset's own validation split becomes
+val.bin. Expect roughly 0.5B tokens (~1 GB train.bin). Needs `pip install datasets`.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `data.common`
+
+from configurator import run_cli  # noqa: E402
+from data.common import hf_num_bytes, hf_texts, load_hf, require_datasets, write_gpt2_splits  # noqa: E402
+
+HERE = Path(__file__).parent
+HF_NAME = "roneneldan/TinyStories"
+DEFAULTS = dict(
+    num_proc=max(1, (os.cpu_count() or 2) // 2),  # tokenizer processes
+    out=str(HERE),
+)
+
+
+def write(train_docs, val_docs, out, num_proc=1, total_bytes=None):
+    """Tokenize stories (iterables of str) into out/{train,val}.bin; returns the token counts."""
+    return write_gpt2_splits({"train": train_docs, "val": val_docs}, out, num_proc, total_bytes,
+                             source=HF_NAME)
+
+
+def prepare(cfg):
+    datasets = require_datasets("data/tinystories/prepare.py")
+    print(f"TinyStories: downloading {HF_NAME} (~1 GB of parquet, 2.1M stories) into the "
+          f"HuggingFace cache, then writing ~1 GB of GPT-2 tokens to {cfg['out']}")
+    ds = load_hf(datasets, HF_NAME, num_proc=cfg["num_proc"])
+    train, val = ds["train"], ds["validation"]
+    return write(hf_texts(train), hf_texts(val), cfg["out"], cfg["num_proc"],
+                 {"train": hf_num_bytes(train), "val": hf_num_bytes(val)})
+
+
+if __name__ == "__main__":
+    run_cli(DEFAULTS, prepare, "data/tinystories/prepare.py", __doc__)

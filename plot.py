@@ -1,0 +1,106 @@
+"""Draw loss curves from runs' metrics.jsonl files (matplotlib, an optional dependency).
+
+    python plot.py out-gpt_800k out-float --out=loss.png           # val loss against tokens
+    python plot.py sweeps/gpt/* --x=step --title="GPT sizes" --out=assets/gpt_curves.png
+
+Each argument that is not a --key=value is a run's out_dir; a run whose name ends in "float"
+is drawn dashed, so ternary/float pairs from sweep.py read at a glance. sweep.py also calls
+plot_sizes for val loss against parameter count.
+"""
+
+import sys
+from pathlib import Path
+
+from configurator import ConfigError, run_cli
+from metrics import read_metrics
+
+DEFAULTS = dict(out="loss.png", x="tokens", title="", train=False)  # train: add train loss
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only; a clear message when it is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("plotting needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(runs, out, x="tokens", title="", train=False):
+    """Val loss (and train loss) against x ('tokens', 'step' or 'time') for each run dir."""
+    if x not in ("tokens", "step", "time"):
+        raise ConfigError(f"x '{x}' is not one of tokens, step, time")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    paired = runs_paired(runs)  # then each pair shares a color
+    for i, run in enumerate(runs):
+        path = Path(run)
+        if not (path / "metrics.jsonl").is_file():
+            raise ConfigError(f"no metrics.jsonl in '{run}'; give the out_dir of a training run")
+        evals = [m for m in read_metrics(path) if "val_loss" in m]
+        style = "--" if path.name.endswith("float") else "-"
+        color = f"C{i // 2 if paired else i}"
+        ax.plot([m[x] for m in evals], [m["val_loss"] for m in evals], style, color=color,
+                label=f"{path.name} (val)")
+        if train:
+            ax.plot([m[x] for m in evals], [m["train_loss"] for m in evals], style, color=color,
+                    alpha=0.4, label=f"{path.name} (train)")
+    ax.set_xlabel({"tokens": "training tokens", "step": "step", "time": "seconds"}[x])
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, out)
+
+
+def runs_paired(runs):
+    """True when runs come in (ternary, float) pairs, as sweep.py writes them."""
+    names = [Path(r).name for r in runs]
+    return len(names) % 2 == 0 and all(b.endswith("float") and not a.endswith("float")
+               for a, b in zip(names[::2], names[1::2], strict=True))
+
+
+def plot_sizes(rows, out, title=""):
+    """Final val loss against parameters for each variant, and the ternary - float gap.
+
+    rows: [{"params": n, "<variant>": val_loss, ...}] as sweep.py collects them."""
+    plt = pyplot()
+    variants = [k for k in rows[0] if k != "params"]
+    fig, axes = plt.subplots(1, 2 if {"ternary", "float"} <= set(variants) else 1,
+                             figsize=(10, 4), squeeze=False)
+    params = [r["params"] for r in rows]
+    for v in variants:
+        axes[0][0].plot(params, [r[v] for r in rows], "o-", label=v)
+    axes[0][0].set(xscale="log", xlabel="parameters", ylabel="final val loss", title=title)
+    axes[0][0].legend()
+    if axes.shape[1] == 2:
+        axes[0][1].plot(params, [r["ternary"] - r["float"] for r in rows], "o-", color="C3")
+        axes[0][1].axhline(0, color="gray", lw=0.8)
+        axes[0][1].set(xscale="log", xlabel="parameters", ylabel="ternary - float (nats)",
+                       title="the gap")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    save(fig, out)
+
+
+def save(fig, out):
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    runs = [a for a in argv if not a.startswith("--")]
+    if not runs and not {"-h", "--help"} & set(argv):
+        sys.exit("error: give one or more run folders (out_dir) to plot; --help for the keys")
+    flags = [a for a in argv if a.startswith("--") or a == "-h"]
+    run_cli(DEFAULTS, lambda cfg: plot_curves(runs, cfg["out"], cfg["x"], cfg["title"],
+                                              cfg["train"]), "plot.py", __doc__, flags)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""The dataset scripts, offline: HF corpora's tokenize-and-write on local documents, the user's
+own text streamed in chunks (char and GPT-2), uint32 ids, one-line errors, and training on it."""
+
+import importlib
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configurator import run_cli
+from data.common import EOT, char_boundary
+
+ROOT = Path(__file__).resolve().parents[1]
+EOT_TEXT = "<|endoftext|>"
+
+
+@pytest.fixture(scope="module")
+def enc():
+    tiktoken = pytest.importorskip("tiktoken")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network and no cache
+        pytest.skip(f"GPT-2 BPE files unavailable offline ({e}); set TIKTOKEN_CACHE_DIR")
+
+
+@pytest.fixture(scope="module")
+def docs(corpus):
+    """600 'documents' (speeches) from Tiny Shakespeare: several batches of 256 for the pool."""
+    speeches = [s for s in corpus.read_text(encoding="utf-8").split("\n\n") if s]
+    return speeches[:599] + [f"a document that spells {EOT_TEXT} is still text"]
+
+
+def read(folder, split, dtype=np.uint16):
+    return np.fromfile(Path(folder) / f"{split}.bin", dtype=dtype)
+
+
+def read_meta(folder):
+    return pickle.loads((Path(folder) / "meta.pkl").read_bytes())
+
+
+def joined(docs):
+    return "".join(d + EOT_TEXT for d in docs)
+
+
+def assert_gpt2_meta(folder):
+    meta = read_meta(folder)
+    assert (meta["vocab_size"], meta["tokenizer"], meta["dtype"]) == (50304, "gpt2", "uint16")
+    assert "stoi" not in meta
+
+
+# ---- HuggingFace corpora: the tokenize-and-write half, on local documents -------------------
+
+@pytest.mark.parametrize("script", ["tinystories", "openwebtext"])
+def test_hf_splits_decode_to_documents(script, docs, enc, tmp_path):
+    write = importlib.import_module(f"data.{script}.prepare").write
+    train_docs, val_docs = docs[:550], docs[550:]
+    counts = write(train_docs, val_docs, tmp_path / "a", num_proc=1)
+    train, val = read(tmp_path / "a", "train"), read(tmp_path / "a", "val")
+    assert enc.decode(train.tolist()) == joined(train_docs)
+    assert enc.decode(val.tolist()) == joined(val_docs)
+    # one EOT after each document; a document that spells <|endoftext|> does not make one
+    assert (train == EOT).sum() == 550 and (val == EOT).sum() == 50
+    expected = sum(len(enc.encode_ordinary(d)) + 1 for d in val_docs)
+    assert counts == {"train": len(train), "val": len(val)} and len(val) == expected
+    assert_gpt2_meta(tmp_path / "a")
+    write(train_docs, val_docs, tmp_path / "b", num_proc=2)
+    for split in ("train", "val"):
+        assert (tmp_path / "a" / f"{split}.bin").read_bytes() == \
+            (tmp_path / "b" / f"{split}.bin").read_bytes()
+
+
+def test_cosmopedia_val_first_then_budgeted_train(docs, enc, tmp_path):
+    from data.cosmopedia.prepare import write
+    counts = write(iter(docs), tmp_path / "a", val_docs=20, max_docs=300, num_proc=1,
+                   subset="stories")
+    train, val = read(tmp_path / "a", "train"), read(tmp_path / "a", "val")
+    assert enc.decode(val.tolist()) == joined(docs[:20])
+    assert enc.decode(train.tolist()) == joined(docs[20:320])
+    assert counts == {"train": len(train), "val": len(val)}
+    assert read_meta(tmp_path / "a")["source"] == "HuggingFaceTB/cosmopedia/stories"
+    assert_gpt2_meta(tmp_path / "a")
+    write(iter(docs), tmp_path / "b", val_docs=20, max_docs=300, num_proc=2)
+    for split in ("train", "val"):
+        assert (tmp_path / "a" / f"{split}.bin").read_bytes() == \
+            (tmp_path / "b" / f"{split}.bin").read_bytes()
+    # a token budget keeps whole documents: it stops after the one that reaches the budget
+    write(iter(docs), tmp_path / "c", val_docs=20, max_tokens=5000, num_proc=2)
+    train = read(tmp_path / "c", "train")
+    lengths = np.cumsum([len(enc.encode_ordinary(d)) + 1 for d in docs[20:]])
+    k = int(np.searchsorted(lengths, 5000))  # the document that reaches 5000 tokens
+    assert len(train) == lengths[k] >= 5000 > lengths[k - 1]
+    assert enc.decode(train.tolist()) == joined(docs[20:21 + k])
+
+
+@pytest.mark.parametrize("script", ["tinystories", "openwebtext", "cosmopedia"])
+def test_missing_datasets_package_is_one_line(script, monkeypatch):
+    mod = importlib.import_module(f"data.{script}.prepare")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with pytest.raises(SystemExit) as e:
+        run_cli(mod.DEFAULTS, mod.prepare, "prepare.py", argv=[])
+    assert e.value.code == (f"error: data/{script}/prepare.py needs the 'datasets' package: "
+                            f"pip install datasets")
+
+
+def test_missing_datasets_cli_has_no_traceback():
+    script = ROOT / "data" / "tinystories" / "prepare.py"
+    code = (f"import runpy, sys; sys.modules['datasets'] = None; sys.argv = ['{script}']; "
+            f"runpy.run_path('{script}', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: data/tinystories/prepare.py needs the 'datasets' package: pip install datasets"]
+
+
+# ---- data/text/prepare.py: the user's own text ----------------------------------------------
+
+def prepare_text(path, name, data_dir, **cfg):
+    from data.text.prepare import DEFAULTS, prepare
+    return prepare(dict(DEFAULTS, input=str(path), name=name, data_dir=str(data_dir), **cfg))
+
+
+def decode_split(folder, split, enc=None):
+    meta = read_meta(folder)
+    ids = read(folder, split, meta["dtype"])
+    if meta["tokenizer"] == "gpt2":
+        return enc.decode(ids.tolist())
+    return "".join(meta["itos"][int(i)] for i in ids)
+
+
+def test_text_char_on_corpus_matches_shakespeare_char(corpus, tmp_path):
+    counts = prepare_text(corpus, "mine", tmp_path)
+    folder = tmp_path / "mine"
+    meta = read_meta(folder)
+    # Tiny Shakespeare is ASCII: the byte split is the character split of shakespeare_char
+    assert counts == {"train": 1_003_854, "val": 111_540}
+    assert (meta["vocab_size"], meta["tokenizer"], meta["dtype"]) == (65, "char", "uint16")
+    text = corpus.read_text(encoding="utf-8")
+    assert decode_split(folder, "train") + decode_split(folder, "val") == text
+    assert decode_split(folder, "val") == text[1_003_854:]
+
+
+def test_text_gpt2_on_corpus_is_the_whole_text_tokenized(corpus, enc, tmp_path):
+    # 4 KB chunks, 2 processes: chunks are cut after a newline between two lines of text, so
+    # the ids are exactly those of tokenizing each split whole (as data/shakespeare does)
+    counts = prepare_text(corpus, "mine", tmp_path, tokenizer="gpt2", num_proc=2,
+                          chunk_size=4096)
+    text = corpus.read_text(encoding="utf-8")
+    assert counts == {"train": 301_966, "val": 36_059}
+    assert read(tmp_path / "mine", "train").tolist() == enc.encode_ordinary(text[:1_003_854])
+    assert read(tmp_path / "mine", "val").tolist() == enc.encode_ordinary(text[1_003_854:])
+    assert_gpt2_meta(tmp_path / "mine")
+
+
+TRICKY = "Café — naïve 🙂 façade\n" * 7 + "🎭🎭 end — é\n"
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 64])
+def test_text_streams_across_multibyte_characters(tokenizer, chunk_size, enc, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(TRICKY, encoding="utf-8")
+    data = TRICKY.encode("utf-8")
+    # 0.13 puts the raw cut inside a 4-byte emoji: it must move forward to the next character
+    raw_cut = int(len(data) * (1 - 0.13))
+    assert data[raw_cut] & 0xC0 == 0x80
+    prepare_text(path, "t", tmp_path, tokenizer=tokenizer, chunk_size=chunk_size,
+                 val_fraction=0.13)
+    cut = char_boundary(path, raw_cut)
+    assert cut > raw_cut
+    assert decode_split(tmp_path / "t", "train", enc) == data[:cut].decode("utf-8")
+    assert decode_split(tmp_path / "t", "val", enc) == data[cut:].decode("utf-8")
+
+
+def test_text_with_more_than_65536_characters_is_uint32(tmp_path):
+    import torch
+
+    from data.loader import Data
+    from train import DEFAULTS, resolve
+    # every code point from U+0100 on (no surrogates), then the last ones (ids > 65535) again
+    chars = [chr(c) for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c < 0xE000]
+    text = "".join(chars) + "".join(chars[65536:]) * 40
+    (tmp_path / "u.txt").write_text(text, encoding="utf-8")
+    counts = prepare_text(tmp_path / "u.txt", "wide", tmp_path, chunk_size=1000,
+                          val_fraction=0.3)
+    meta = read_meta(tmp_path / "wide")
+    assert (meta["vocab_size"], meta["dtype"]) == (len(chars), "uint32")
+    expected = list(range(len(chars))) + list(range(65536, len(chars))) * 40
+    train = read(tmp_path / "wide", "train", np.uint32)
+    assert train.tolist() + read(tmp_path / "wide", "val", np.uint32).tolist() == expected
+    cfg = resolve(dict(DEFAULTS, device="cpu", data_dir=str(tmp_path), dataset="wide",
+                       block_size=32, batch_size=8))
+    data = Data(cfg, "cpu", seed=0)
+    x, y = data.batch("train")
+    # the loader draws its windows from a generator seeded with 0: the same starts here
+    ix = torch.randint(counts["train"] - 32, (8,), generator=torch.Generator().manual_seed(0))
+    assert x.tolist() == [train[i:i + 32].tolist() for i in ix]
+    assert y.tolist() == [train[i + 1:i + 33].tolist() for i in ix]
+    assert int(x.max()) > 65535
+
+
+def test_train_on_prepared_text(corpus, enc, tiny_cfg, tmp_path):
+    from sample import Tokenizer
+    from train import Trainer
+    text = corpus.read_text(encoding="utf-8")[:50_000]
+    (tmp_path / "small.txt").write_text(text, encoding="utf-8")
+    for tokenizer, vocab_size in (("char", len(set(text))), ("gpt2", 50304)):
+        name = f"small_{tokenizer}"
+        prepare_text(tmp_path / "small.txt", name, tmp_path, tokenizer=tokenizer)
+        cfg = dict(tiny_cfg, data_dir=str(tmp_path), dataset=name, out_dir=str(tmp_path / name),
+                   max_iters=2, lr_decay_iters=2, warmup_iters=1, eval_interval=2, eval_iters=1)
+        trainer = Trainer(cfg)
+        assert trainer.args["vocab_size"] == vocab_size
+        losses = trainer.run()
+        assert np.isfinite(losses["val"])
+        tok = Tokenizer(read_meta(tmp_path / name))
+        assert tok.decode(tok.encode("ROMEO: good night")) == "ROMEO: good night"
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    (None, {"input": "nope.txt"}, "error: input file '{tmp}/nope.txt' not found"),
+    (b"", {}, "error: input file '{tmp}/in.txt' is empty"),
+    (b"caf\xc3\xa9 ok\n\xff more", {},
+     "error: '{tmp}/in.txt' is not UTF-8 text: invalid byte 0xff at byte offset 9"),
+    (b"caf\xc3\xa9 ok\n\xff more", {"tokenizer": "gpt2"},
+     "error: '{tmp}/in.txt' is not UTF-8 text: invalid byte 0xff at byte offset 9"),
+    (b"abc\n", {"name": "a/b"},
+     "error: --name must be a plain folder name (letters, digits, '_', '.', '-'), got 'a/b'"),
+    (b"abc\n", {"name": "shakespeare", "data_dir": str(ROOT / "data")},
+     f"error: 'shakespeare' is a built-in dataset ({ROOT}/data/shakespeare/prepare.py); "
+     f"choose another --name"),
+])
+def test_text_errors_are_one_line(setup, args, message, tmp_path):
+    from data.text.prepare import DEFAULTS, prepare
+    if setup is not None:
+        (tmp_path / "in.txt").write_bytes(setup)
+    cfg = dict(input=str(tmp_path / "in.txt"), name="x", data_dir=str(tmp_path / "d")) | args
+    if "input" in args:
+        cfg["input"] = str(tmp_path / args["input"])
+    argv = [f"--{k}={v}" for k, v in cfg.items()]
+    with pytest.raises(SystemExit) as e:
+        run_cli(DEFAULTS, prepare, "data/text/prepare.py", argv=argv)
+    assert e.value.code == message.format(tmp=tmp_path)
+    assert not (tmp_path / "d" / "x").exists()  # nothing half-written is left behind
+
+
+def test_text_cli_error_has_no_traceback(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"ab\x80c")
+    r = subprocess.run([sys.executable, "data/text/prepare.py", f"--input={tmp_path}/bad.txt",
+                        "--name=bad", f"--data_dir={tmp_path}"], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: '{tmp_path}/bad.txt' is not UTF-8 text: invalid byte 0x80 at byte offset 2")

@@ -1,0 +1,71 @@
+"""sweep.py and plot.py: a tiny grid trains, tabulates, plots, skips what is done, resumes."""
+
+import sys
+
+import pytest
+
+import sweep
+from metrics import read_metrics
+
+TINY = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=16", "--batch_size=4",
+        "--max_iters=6", "--lr_decay_iters=6", "--warmup_iters=1", "--eval_interval=3",
+        "--eval_iters=2", "--log_interval=3", "--device=cpu"]
+
+
+def test_sweep_trains_the_grid_then_skips_it(data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    root = tmp_path / "sw"
+    argv = ["--configs=gpt_50k,llama_50k", f"--sweep_dir={root}", f"--data_dir={data_dir}",
+            *TINY]
+    results = sweep.main(argv)
+    assert set(results) == {"gpt_50k", "llama_50k"}
+    for config, runs in results.items():
+        assert set(runs) == {"ternary", "float"}
+        for name, r in runs.items():
+            evals = [m for m in read_metrics(root / f"{config}-{name}") if "val_loss" in m]
+            assert r["val_loss"] == evals[-1]["val_loss"] and r["step"] == 6
+            assert r["tokens"] == 6 * 4 * 16 and r["wall_time"] > 0
+    table = (root / "results.md").read_text()
+    gap = results["gpt_50k"]["ternary"]["val_loss"] - results["gpt_50k"]["float"]["val_loss"]
+    params = results["gpt_50k"]["ternary"]["params"]
+    assert params < 5000  # the command line's --n_embd=16 overrides the config's 32
+    assert f"| gpt_50k | {params / 1e6:.3f}M |" in table and f"{gap:+.4f}" in table
+    assert (root / "curves.png").stat().st_size > 10_000 and (root / "sizes.png").exists()
+
+    class NoTraining:  # a second run of the same command must not train again
+        def __init__(self, cfg):
+            raise AssertionError("trained again")
+    monkeypatch.setattr(sweep, "Trainer", NoTraining)
+    assert sweep.main(argv) == results
+
+
+def test_an_interrupted_run_resumes(data_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    root = tmp_path / "sw"
+    argv = ["--configs=gpt_50k", f"--sweep_dir={root}", f"--data_dir={data_dir}",
+            "--variants={'ternary': ''}", *TINY]
+    assert sweep.main([*argv, "--max_time=1e-9"]) is None  # stops after its first evaluation
+    assert not (root / "gpt_50k-ternary" / "result.json").exists()
+    result = sweep.main(argv)["gpt_50k"]["ternary"]
+    assert result["step"] == 6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs=gpt_5k"], "no config 'configs/gpt_5k.py'"),
+    (["--variants=[1, 2]"], "variants must be a dict"),
+    (["--n_layr=2"], "unknown config key 'n_layr'"),
+])
+def test_sweep_errors_are_one_line(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.main([f"--sweep_dir={tmp_path}", *argv])
+    assert message in str(e.value)
+
+
+def test_plot_errors(tmp_path, monkeypatch):
+    import plot
+    from configurator import ConfigError
+    with pytest.raises(ConfigError, match="no metrics.jsonl in"):
+        plot.plot_curves([tmp_path], tmp_path / "x.png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ConfigError, match="pip install matplotlib"):
+        plot.plot_curves([tmp_path], tmp_path / "x.png")
