@@ -1,4 +1,5 @@
-"""sweep.py and plot.py: a tiny grid trains, tabulates, plots, skips what is done, resumes."""
+"""The experiment tools: sweep.py trains, tabulates, plots, skips and resumes a tiny grid;
+plot.py and weight_stats.py."""
 
 import sys
 
@@ -69,3 +70,26 @@ def test_plot_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match="pip install matplotlib"):
         plot.plot_curves([tmp_path], tmp_path / "x.png")
+
+
+def test_weight_stats_counts_each_ternary_value(tmp_path):
+    import torch
+
+    import weight_stats
+    from checkpoint import save_checkpoint
+    from models import build_model
+    args = dict(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=65)
+    model = build_model("llama", args)
+    with torch.no_grad():  # mean|W| = 7/6: 3, -3, 0.1, 0.1, 0.4, 0.4 -> 1, -1, 0, 0, 0, 0
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.tensor([3.0, -3.0, 0.1, 0.1, 0.4, 0.4]).repeat(p.numel())
+                        [:p.numel()].view_as(p))
+    save_checkpoint({"arch": "llama", "model_args": args, "model": model.state_dict()},
+                    tmp_path / "ckpt.pt")
+    rows = weight_stats.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--plot={tmp_path / 'w.png'}"])
+    assert len(rows) == 7 and rows[0][0] == "layers.0.attention.wq"
+    for name, neg, zero, pos, scale in rows:
+        assert (neg, zero, pos) == pytest.approx((1 / 6, 4 / 6, 1 / 6), abs=0.01), name
+        assert scale == pytest.approx(6 / 7, rel=0.01)
+    assert (tmp_path / "w.png").stat().st_size > 5000
