@@ -1,15 +1,27 @@
-"""Time the training step (forward + backward + optimizer) of ternary and float models.
+"""Time the training step (forward + backward + optimizer) of the model a config describes.
 
-    python bench.py                                    # the default shape, ternary vs float
-    python bench.py configs/train_shakespeare_char.py --device=cpu --batch_size=12 --block_size=64 \
-        --n_layer=4 --n_head=4 --n_embd=128 --dropout=0.0 --bench_steps=100
+    python bench.py configs/train_shakespeare_char.py --device=cpu          # the ternary model
+    python bench.py configs/train_shakespeare_char.py --bitlinear=False     # its float twin
+    python bench.py configs/train_shakespeare_char.py --device=cpu --compare --bench_steps=400
 
-Both models run in this process on the same batches, alternating in rounds so that drift in the
-machine's speed hits both alike; the median step time of each is reported, and their ratio.
-Keys are train.py's, plus bench_steps, bench_warmup and bench_rounds.
+Each step is train.py's own (Trainer.step: gradient_accumulation_steps micro-batches, clipping,
+AdamW), timed after bench_warmup steps; reported are the median step time, tokens/s, peak memory
+and MFU. With --compare the ternary and the float model run in this process on the same batches,
+alternating in bench_rounds rounds so that drift in the machine's speed hits both alike, and the
+ratio of their median step times is printed.
+
+MFU = model FLOPs per token (6N + 12 L H Q T, as nanoGPT and the PaLM paper count them; the
+model's flops_per_token()) x tokens/s / the device's peak FLOPS: --peak_flops if given, else the
+bf16 dense peak from the table below for known GPUs, else n/a (CPUs: no peak is known here).
+Peak memory is torch.cuda.max_memory_allocated on CUDA; elsewhere the growth of the process's
+peak RSS during the benchmark (getrusage), for the whole process (both models with --compare).
+Keys are train.py's, plus compare, bench_steps, bench_warmup, bench_rounds and peak_flops.
 """
 
+import re
+import resource
 import statistics
+import sys
 import tempfile
 import time
 
@@ -19,16 +31,60 @@ from configurator import run_cli
 from train import DEFAULTS as TRAIN_DEFAULTS
 from train import Trainer, resolve
 
-DEFAULTS = dict(TRAIN_DEFAULTS, bench_steps=50, bench_warmup=10, bench_rounds=4)
+DEFAULTS = dict(TRAIN_DEFAULTS, compare=False, bench_steps=50, bench_warmup=10, bench_rounds=4,
+                peak_flops=0.0)  # peak_flops: FLOPS of the device; 0 looks it up in PEAK_FLOPS
+
+# bf16 dense tensor-core peaks from the vendors' datasheets (the sparse figures halved), matched
+# against torch.cuda.get_device_name() in this order: the first match wins
+PEAK_FLOPS = [
+    (r"H200", 989e12, "H200"),
+    (r"H100.*PCIe", 756e12, "H100 PCIe"),
+    (r"H100.*NVL", 835e12, "H100 NVL"),
+    (r"H100", 989e12, "H100 SXM"),
+    (r"B200", 2250e12, "B200"),
+    (r"A100", 312e12, "A100"),
+    (r"L40S", 362e12, "L40S"),
+    (r"\bL4\b", 121e12, "L4"),
+    (r"\bA10\b", 125e12, "A10"),
+    (r"RTX 4090", 165e12, "RTX 4090"),
+    (r"MI300X", 1307e12, "MI300X"),
+]
+
+
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{device} ({torch.get_num_threads()} threads)"
+
+
+def peak_flops(cfg):
+    """(FLOPS or None, where it came from)."""
+    if cfg["peak_flops"] > 0:
+        return cfg["peak_flops"], "--peak_flops"
+    if cfg["device"].startswith("cuda"):
+        name = torch.cuda.get_device_name(cfg["device"])
+        for pattern, flops, label in PEAK_FLOPS:
+            if re.search(pattern, name):
+                return flops, f"{label} bf16 dense, bench.py's table"
+        return None, f"'{name}' is not in bench.py's table; give --peak_flops="
+    return None, f"no peak is known for {cfg['device']}; give --peak_flops="
+
+
+def peak_rss_bytes():
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024  # macOS reports bytes, Linux KiB
 
 
 def sync(device):
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def time_steps(trainer, n):
-    """Seconds per optimizer step, one sample per step."""
+    """Seconds per optimizer step, one sample per step; and the CUDA peak memory meanwhile."""
+    cuda = trainer.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(trainer.device)
     times = []
     for _ in range(n):
         t = time.perf_counter()
@@ -36,36 +92,56 @@ def time_steps(trainer, n):
         sync(trainer.device)
         times.append(time.perf_counter() - t)
     loss.item()
-    return times
+    return times, torch.cuda.max_memory_allocated(trainer.device) if cuda else 0
 
 
 def bench(cfg):
+    models = {"ternary": True, "float": False} if cfg["compare"] else {
+        "ternary" if cfg["bitlinear"] else "float": cfg["bitlinear"]}
+    rss0 = peak_rss_bytes()
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, bitlinear in (("ternary", True), ("float", False)):
+        for name, bitlinear in models.items():
             trainer = Trainer(dict(cfg, bitlinear=bitlinear, out_dir=tmp))
             trainer.next_batch()
-            time_steps(trainer, cfg["bench_warmup"])
-            runs[name] = (trainer, [])
+            _, mem = time_steps(trainer, cfg["bench_warmup"])
+            runs[name] = dict(trainer=trainer, times=[], mem=mem)
         per_round = max(1, cfg["bench_steps"] // cfg["bench_rounds"])
         for _ in range(cfg["bench_rounds"]):
-            for trainer, times in runs.values():
-                times += time_steps(trainer, per_round)
+            for run in runs.values():
+                times, mem = time_steps(run["trainer"], per_round)
+                run["times"] += times
+                run["mem"] = max(run["mem"], mem)
+    rss = peak_rss_bytes() - rss0
+    flops, source = peak_flops(cfg)
     tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
-    result = {}
-    for name, (trainer, times) in runs.items():
-        ms = statistics.median(times) * 1e3
-        result[name] = ms
-        print(f"{name:8s} {trainer.raw_model.get_num_params() / 1e6:7.2f}M params  "
-              f"{ms:8.2f} ms/step  {tokens / ms * 1e3:10,.0f} tokens/s")
-    print(f"ternary/float step time: {result['ternary'] / result['float']:.3f}x "
-          f"(device {cfg['device']}, {torch.get_num_threads()} threads, median of "
-          f"{len(runs['float'][1])} steps each)")
+    print(f"device {device_name(cfg['device'])}, dtype {cfg['dtype']}, compile {cfg['compile']}, "
+          f"{tokens:,} tokens/step; peak FLOPS "
+          + (f"{flops:.3g} ({source})" if flops else f"n/a ({source})"))
+    result = {"peak_flops": flops, "peak_flops_source": source}
+    for name, run in runs.items():
+        model = run["trainer"].raw_model
+        ms = statistics.median(run["times"]) * 1e3
+        tokens_per_s = tokens / ms * 1e3
+        per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
+        mfu = per_token * tokens_per_s / flops if flops and per_token else None
+        mem = run["mem"] if cfg["device"].startswith("cuda") else rss
+        result[name] = dict(ms=ms, tokens_per_s=tokens_per_s, mfu=mfu, peak_mem=mem,
+                            steps=len(run["times"]))
+        mem_text = (f"peak mem {mem / 2**20:,.0f} MiB" if cfg["device"].startswith("cuda") else
+                    f"peak RSS growth {mem / 2**20:,.0f} MiB (process)")
+        print(f"{name:8s} {model.get_num_params() / 1e6:7.2f}M params  {ms:8.2f} ms/step  "
+              f"{tokens_per_s:10,.0f} tokens/s  MFU "
+              + (f"{mfu:6.2%}" if mfu is not None else "n/a") + f"  {mem_text}")
+    if cfg["compare"]:
+        result["ratio"] = result["ternary"]["ms"] / result["float"]["ms"]
+        print(f"ternary/float step time: {result['ratio']:.3f}x (median of "
+              f"{result['float']['steps']} steps each, {cfg['bench_rounds']} alternating rounds)")
     return result
 
 
 def main(argv=None):
-    run_cli(DEFAULTS, lambda cfg: bench(resolve(cfg)), "bench.py", __doc__, argv)
+    return run_cli(DEFAULTS, lambda cfg: bench(resolve(cfg)), "bench.py", __doc__, argv)
 
 
 if __name__ == "__main__":

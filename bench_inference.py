@@ -1,15 +1,23 @@
-"""File size, weight memory, prefill and decode speed: packed integer model vs float model.
+"""File size, peak memory, prefill and decode speed: the packed integer model vs the float model.
 
     python bench_inference.py --ckpt=out/ckpt.pt
     python bench_inference.py --ckpt=out-124m/ckpt.pt --prompt_tokens=128 --new_tokens=128
 
-From one training checkpoint it builds (a) the float model of the same config, nn.Linear with the
-latent weights, as a float run would have them, and (b) the integer model that sample.py runs from
-a .bitnet file. Both get the same prompt (random token ids) and generate the same number of
-tokens greedily at batch 1 with the KV cache; prefill is one forward over the prompt.
+From one training checkpoint it writes two deployment files: (a) the float32 state dict of the
+same config with nn.Linear where the BitLinears were, holding the latent weights (what a float
+run of this architecture stores and computes), and (b) the .bitnet file export.py writes. Each is
+loaded and run in a fresh process, so each peak RSS is that path's own (Python and torch, loading
+the file, generating). Both get the same prompt (random token ids, fixed seed) and run the same
+steps greedily at batch 1 with a KV cache: prefill is one forward over the prompt into an empty
+cache; decode is new_tokens single-token forwards, each feeding the previous argmax. Times are
+the best of `repeats` rounds (other processes on the machine only ever slow a round down).
 """
 
 import copy
+import json
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,13 +25,17 @@ from pathlib import Path
 import torch
 
 from bitlinear import BitLinear
-from bitlinear.packed_file import save_packed
+from bitlinear.inference import shell_model
+from bitlinear.packed_file import save_packed, ternary_bits_per_weight
 from checkpoint import load_checkpoint, model_from_checkpoint, model_from_packed
 from configurator import ConfigError, run_cli
-from generation import KVCache, generate
+from generation import KVCache
 
 DEFAULTS = dict(ckpt="out/ckpt.pt", prompt_tokens=32, new_tokens=32, repeats=3, seed=0,
-                threads=0)  # threads 0: torch's default
+                threads=0,  # 0: torch's default
+                float_dtype="fp16")  # the .bitnet file's floats, as export.py --float_dtype
+
+ROOT = Path(__file__).resolve().parent
 
 
 def as_float(model):
@@ -39,66 +51,124 @@ def as_float(model):
     return model
 
 
-def file_sizes(model, ckpt, tmp):
-    sizes = {}
+def write_files(model, ckpt, tmp, float_dtype):
+    """The files to compare: (sizes, bits per ternary weight, float32 .pt path, .bitnet path)."""
+    sizes, bits = {}, {}
+    float_model = as_float(model)
     for dtype in (torch.float32, torch.float16):
-        path = Path(tmp) / f"{dtype}.pt"
-        torch.save(copy.deepcopy(model).to(dtype).state_dict(), path)  # tied weights once
-        sizes[f"state_dict {str(dtype).split('.')[1]}"] = path.stat().st_size
+        path = Path(tmp) / f"{str(dtype).split('.')[1]}.pt"
+        torch.save(copy.deepcopy(float_model).to(dtype).state_dict(), path)  # tied tensors once
+        sizes[f"state_dict {path.stem}"] = path.stat().st_size
     for packing in ("2bit", "base3"):
         path = Path(tmp) / f"{packing}.bitnet"
-        save_packed(model, path, ckpt["arch"], ckpt["model_args"], ckpt.get("meta"), packing)
-        sizes[f".bitnet {packing}"] = path.stat().st_size
-    return sizes, Path(tmp) / "2bit.bitnet"
+        header = save_packed(model, path, ckpt["arch"], ckpt["model_args"], ckpt.get("meta"),
+                             packing, float_dtype)
+        sizes[f".bitnet {packing} ({float_dtype})"] = path.stat().st_size
+        bits[packing] = ternary_bits_per_weight(header)
+    return sizes, bits, Path(tmp) / "float32.pt", Path(tmp) / "2bit.bitnet"
 
 
-@torch.no_grad()
-def speed(model, prompt, new_tokens, repeats):
-    """Best-of-repeats (prefill tokens/s, decode tokens/s) at batch 1."""
-    prefill, decode = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(prompt, cache=KVCache(model.config.n_layer, model.config.block_size))
-        t_prefill = time.perf_counter() - t
-        t = time.perf_counter()
-        out = generate(model, prompt, new_tokens, temperature=0)  # one prefill, then decode steps
-        t_decode = time.perf_counter() - t - t_prefill
-        prefill.append(prompt.size(1) / t_prefill)
-        decode.append((new_tokens - 1) / t_decode)
-    return max(prefill), max(decode), out
+def load_float(path, arch, args):
+    """The float model from its state dict file; a shell takes the loaded tensors: no copy."""
+    from models import build_model
+    model = shell_model(lambda: build_model(arch, dict(args, bitlinear=False)))
+    model.load_state_dict(torch.load(path, weights_only=True), assign=True)
+    return model
 
 
 def weight_bytes(model):
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    """Bytes of the model's tensors (tied ones once), plus what a Linear16 head runs from."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    n = sum(t.numel() * t.element_size() for t in tensors.values())
+    return n + sum(m.run_bytes() for m in model.modules() if hasattr(m, "run_bytes"))
+
+
+def peak_rss_mb():
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it starts afresh at exec,
+    so it is not the parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
+
+
+@torch.no_grad()
+def timed_generation(model, prompt, new_tokens):
+    """(prefill seconds, decode seconds, tokens): greedy, batch 1, KV cache."""
+    cache = KVCache(model.config.n_layer, model.config.block_size)
+    t0 = time.perf_counter()
+    logits, _ = model(prompt, cache=cache)
+    cache.length = prompt.size(1)
+    t1 = time.perf_counter()
+    tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(new_tokens):
+        logits, _ = model(tokens[-1], cache=cache)
+        cache.length += 1
+        tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, torch.cat(tokens, 1)[0].tolist()
+
+
+def worker(job):
+    """Run in a fresh process (see run_path): load one model, time it, print a JSON line."""
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    before = peak_rss_mb()
+    if job["kind"] == "float":
+        model = load_float(job["path"], job["arch"], job["model_args"])
+    else:
+        model, _ = model_from_packed(job["path"])
+    model.eval()
+    prompt = torch.tensor([job["prompt"]])
+    runs = [timed_generation(model, prompt, job["new_tokens"]) for _ in range(job["repeats"])]
+    print(json.dumps({"prefill": min(r[0] for r in runs), "decode": min(r[1] for r in runs),
+                      "tokens": runs[0][2], "weights": weight_bytes(model),
+                      "rss_before": before, "rss_peak": peak_rss_mb(),
+                      "threads": torch.get_num_threads()}))
+
+
+def run_path(job):
+    code = f"import json, bench_inference as b; b.worker(json.loads({json.dumps(job)!r}))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"the {job['kind']} worker failed: {r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def bench(cfg):
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
     ckpt = load_checkpoint(cfg["ckpt"])
     trained = model_from_checkpoint(ckpt, cfg["ckpt"]).eval()
     block = trained.config.block_size
     if cfg["prompt_tokens"] + cfg["new_tokens"] > block:
         raise ConfigError(f"prompt_tokens + new_tokens must fit block_size={block}")
-    with tempfile.TemporaryDirectory() as tmp:
-        sizes, packed_path = file_sizes(trained, ckpt, tmp)
-        integer, _ = model_from_packed(packed_path)
-    models = {"float32 (nn.Linear)": as_float(trained).eval(), "packed int8 x ternary": integer}
     g = torch.Generator().manual_seed(cfg["seed"])
-    prompt = torch.randint(0, trained.config.vocab_size, (1, cfg["prompt_tokens"]), generator=g)
-    print(f"model: {ckpt['arch']}, {trained.get_num_params() / 1e6:.2f}M parameters; "
-          f"{torch.get_num_threads()} threads; prompt {cfg['prompt_tokens']} tokens, "
-          f"{cfg['new_tokens']} new")
+    prompt = torch.randint(0, trained.config.vocab_size, (cfg["prompt_tokens"],), generator=g)
+    job = dict(arch=ckpt["arch"], model_args=ckpt["model_args"], prompt=prompt.tolist(),
+               new_tokens=cfg["new_tokens"], repeats=cfg["repeats"], threads=cfg["threads"])
+    names = {"float": "float32 (nn.Linear)", "packed": "packed int8 x ternary"}
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes, bits, float_path, packed_path = write_files(trained, ckpt, tmp, cfg["float_dtype"])
+        n_params = trained.get_num_params()
+        del trained
+        results = {kind: run_path(dict(job, kind=kind, path=str(path)))
+                   for kind, path in (("float", float_path), ("packed", packed_path))}
+    threads = results["float"]["threads"]
+    print(f"model: {ckpt['arch']}, {n_params / 1e6:.2f}M parameters; {threads} threads; "
+          f"batch 1, greedy, KV cache; prompt {cfg['prompt_tokens']} random tokens (prefill: one "
+          f"forward), then {cfg['new_tokens']} single-token forwards (decode); best of "
+          f"{cfg['repeats']}; each model in its own process")
     for name, size in sizes.items():
-        print(f"  file {name:18s} {size:>14,} bytes")
-    results = {}
-    for name, model in models.items():
-        p, d, _ = speed(model, prompt, cfg["new_tokens"], cfg["repeats"])
-        results[name] = (p, d)
-        print(f"  {name:22s} weights {weight_bytes(model) / 1e6:8.2f} MB   prefill {p:9.1f} "
-              f"tok/s   decode {d:8.1f} tok/s")
-    (pf, df), (pi, di) = results.values()
-    print(f"  integer / float: prefill {pi / pf:.2f}x, decode {di / df:.2f}x")
+        print(f"  file {name:24s} {size:>14,} bytes")
+    print(f"  linear layers: {bits['2bit']:.3f} bits/weight (2bit), {bits['base3']:.3f} (base3)")
+    for kind, r in results.items():
+        p, d = cfg["prompt_tokens"] / r["prefill"], cfg["new_tokens"] / r["decode"]
+        r.update(prefill_tps=p, decode_tps=d)
+        print(f"  {names[kind]:22s} weights {r['weights'] / 1e6:8.2f} MB   peak RSS "
+              f"{r['rss_peak']:7.1f} MB ({r['rss_before']:.0f} before loading)   prefill "
+              f"{p:9.1f} tok/s   decode {d:8.1f} tok/s")
+    f, i = results["float"], results["packed"]
+    print(f"  integer / float: prefill {i['prefill_tps'] / f['prefill_tps']:.2f}x, decode "
+          f"{i['decode_tps'] / f['decode_tps']:.2f}x")
     return sizes, results
 
 

@@ -51,21 +51,29 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
 
 
 def model_from_packed(path):
-    """The integer model (TernaryLinear layers) and header of a .bitnet file from export.py."""
+    """The integer model (TernaryLinear layers) and header of a .bitnet file from export.py.
+
+    The model is built as a shell (bitlinear.inference.shell_model) and takes the file's tensors
+    as they are read: no float copy of the ternary weights is ever made, so memory is what the
+    integer model holds.
+    """
     from bitlinear import to_integer
+    from bitlinear.inference import load_integer_state, shell_model
     from bitlinear.packed_file import PackedFileError, load_packed
     from models import build_model
     if not Path(path).is_file():
         raise CheckpointError(f"no file at '{path}'; make one with python export.py")
     try:
         header, state = load_packed(path)
-        model = to_integer(build_model(header["arch"], header["model_args"]))
-        model.load_state_dict(state)
+        model = shell_model(lambda: to_integer(build_model(header["arch"], header["model_args"]),
+                                               quantize=False))
+        load_integer_state(model, state)
     except PackedFileError as e:
         raise CheckpointError(str(e)) from None
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"'{path}' does not fit this code's models ({type(e).__name__})"
-                              ) from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(f"'{path}' does not fit this code's models ({type(e).__name__}: "
+                              f"{first})") from None
     return model, header
 
 

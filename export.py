@@ -4,13 +4,22 @@
     python export.py --out_dir=out --packing=base3 --to=model.bitnet
     python sample.py --ckpt=out/model.bitnet --start="ROMEO:"
 
-The file format is described in bitlinear/packed_file.py and README. Embeddings, norms and the
-output head are stored as float32; every BitLinear weight as packed ternary values plus its scale.
+The file format is described in bitlinear/packed_file.py and README. Every BitLinear weight is
+stored as packed ternary values plus its scale; the other tensors (embeddings, norms, the head)
+as --float_dtype: fp16 by default (3 more mantissa bits than bf16, and the CPU head runs it
+exactly through fbgemm's fp16 GEMM; export refuses a model with values beyond fp16's range),
+bf16 (float32's range), or fp32 (the training values, a bigger file). The integer model computes
+with exactly the stored values.
 """
 
 from pathlib import Path
 
-from bitlinear.packed_file import save_packed
+from bitlinear.packed_file import (
+    FLOAT_DTYPES,
+    PackedFileError,
+    save_packed,
+    ternary_bits_per_weight,
+)
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import ConfigError, run_cli
 
@@ -20,6 +29,7 @@ DEFAULTS = dict(
     format="packed",  # the only format for now
     packing="2bit",  # '2bit' (4 weights per byte) or 'base3' (5 weights per byte)
     to="",  # the output file; empty means out_dir/model.bitnet
+    float_dtype="fp16",  # embeddings, norms, head: 'fp16', 'bf16' or 'fp32'
 )
 
 
@@ -28,15 +38,23 @@ def export(cfg):
         raise ConfigError(f"format '{cfg['format']}' is not supported; use --format=packed")
     if cfg["packing"] not in ("2bit", "base3"):
         raise ConfigError(f"packing '{cfg['packing']}' is not '2bit' or 'base3'")
+    if cfg["float_dtype"] not in FLOAT_DTYPES:
+        raise ConfigError(f"float_dtype '{cfg['float_dtype']}' is not one of "
+                          f"{', '.join(FLOAT_DTYPES)}")
     src = Path(cfg["ckpt"] or Path(cfg["out_dir"]) / "ckpt.pt")
     ckpt = load_checkpoint(src)
     if not ckpt["model_args"].get("bitlinear", True):
         raise ConfigError(f"'{src}' is a float model (bitlinear=False): nothing to pack")
     model = model_from_checkpoint(ckpt, src)
     dst = Path(cfg["to"] or Path(cfg["out_dir"]) / "model.bitnet")
-    save_packed(model, dst, ckpt["arch"], ckpt["model_args"], ckpt.get("meta"), cfg["packing"])
+    try:
+        header = save_packed(model, dst, ckpt["arch"], ckpt["model_args"], ckpt.get("meta"),
+                             cfg["packing"], cfg["float_dtype"])
+    except PackedFileError as e:
+        raise ConfigError(str(e)) from None
     print(f"wrote {dst}: {dst.stat().st_size / 1e6:.2f} MB ({src} is "
-          f"{src.stat().st_size / 1e6:.2f} MB with optimizer state)")
+          f"{src.stat().st_size / 1e6:.2f} MB with optimizer state); linear layers "
+          f"{ternary_bits_per_weight(header):.3f} bits/weight, other tensors {cfg['float_dtype']}")
     return dst
 
 

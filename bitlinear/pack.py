@@ -11,6 +11,7 @@ a whole number of bytes.
 import torch
 
 _POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
+_POW3_U8 = _POW3.to(torch.uint8)
 
 
 def _codes(t: torch.Tensor, group: int) -> torch.Tensor:
@@ -30,9 +31,12 @@ def pack_2bit(t: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_2bit(packed: torch.Tensor, shape) -> torch.Tensor:
-    """The inverse of pack_2bit: uint8 bytes -> int8 ternary tensor of the given shape."""
-    shifts = torch.arange(0, 8, 2, dtype=torch.int32)
-    codes = (packed.to(torch.int32)[:, None] >> shifts) & 3
+    """The inverse of pack_2bit: uint8 bytes -> int8 ternary tensor of the given shape.
+
+    Unpacking works in uint8 throughout: one byte per value of temporary memory, not four.
+    """
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8)
+    codes = (packed[:, None] >> shifts).bitwise_and_(3)  # in place: no second full-size buffer
     return _values(codes, shape)
 
 
@@ -43,14 +47,15 @@ def pack_base3(t: torch.Tensor) -> torch.Tensor:
 
 def unpack_base3(packed: torch.Tensor, shape) -> torch.Tensor:
     """The inverse of pack_base3."""
-    codes = (packed.to(torch.int32)[:, None] // _POW3) % 3
+    codes = (packed[:, None] // _POW3_U8).remainder_(3)
     return _values(codes, shape)
 
 
 def _values(codes, shape):
+    """uint8 codes (value + 1) -> int8 values of the given shape (the padding dropped)."""
     n = 1
     for d in shape:
         n *= d
     if codes.numel() < n:
         raise ValueError(f"packed data holds {codes.numel()} values, {tuple(shape)} needs {n}")
-    return (codes.reshape(-1)[:n] - 1).to(torch.int8).view(*shape)
+    return codes.reshape(-1)[:n].view(torch.int8).sub_(1).view(*shape)

@@ -1,18 +1,33 @@
 """The .bitnet file: a model with its BitLinear weights packed to 2 (or 1.6) bits each.
 
-Layout (all integers little-endian):
+Layout, version 2 (all integers little-endian):
 
     magic    8 bytes   b"BITNET\\x00\\x01"
-    version  uint32    FORMAT_VERSION
+    version  uint32    2
     length   uint64    byte length of the header
-    header   JSON      {"arch", "model_args", "meta", "tensors": [...], "aliases": {...}}
-    data     the tensors' bytes, each at header offset (from the start of data), 64-byte aligned
+    header   JSON      {"arch", "model_args", "meta", "float_dtype", "tensors": [...],
+                        "aliases": {...}}
+    data     the tensors' bytes, each at its header offset (from the start of data), 64-byte
+             aligned (zero padding between tensors)
 
-Each tensor entry has name, kind, shape, offset and nbytes. kind "float32" is a plain
-row-major float32 array. kind "ternary2" / "ternary3" is a BitLinear weight of shape (out, in)
-packed by pack_2bit / pack_base3 (see pack.py for the bit order), with its scale s_w = 1/mean|W|
-in "scale" (a float32 value, exact in JSON); it loads as a TernaryLinear's weight_t and
-weight_scale. "aliases" maps a tied tensor's name to the name it shares storage with.
+Each tensor entry has name, kind, shape, offset and nbytes. Kinds:
+  "float16", "bfloat16", "float32"  a row-major little-endian array of that type: every tensor
+        that is not a BitLinear weight (embeddings, norms, the head, biases), all in the
+        export's float_dtype
+  "ternary2", "ternary3"  a BitLinear weight W_t of shape (out, in), values in {-1, 0, +1},
+        with its scale s_w = 1/mean|W| in "scale" (a float32 value, exact in JSON); it loads as
+        a TernaryLinear's int8 weight and weight_scale. Values are stored as code = value + 1,
+        row-major, the last byte padded with code 1 (value 0) (pack.py):
+          ternary2: value 4k+j is bits 2j..2j+1 of byte k (least significant first): 2 bits each
+          ternary3: byte k is sum_j code[5k+j] * 3**j, j = 0..4 (0..242): 1.6 bits each
+"aliases" maps a tied tensor's name to the name of the tensor it shares (stored once).
+
+Version 1 is the same layout with float32 as the only float kind; it is still read. A file with
+another magic or version, a bad header, or data that ends early is refused with one line.
+
+16-bit floats by default: float16 (export.py --float_dtype=fp16) keeps 3 more mantissa bits than
+bfloat16 and runs exactly through fbgemm's fp16 GEMM (bitlinear.inference.Linear16); its range
+(|x| <= 65504) is checked at export, and a model that exceeds it needs bf16 or fp32.
 """
 
 import json
@@ -20,7 +35,6 @@ import os
 import struct
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .layer import BitLinear
@@ -28,18 +42,36 @@ from .pack import pack_2bit, pack_base3, unpack_2bit, unpack_base3
 from .quant import ternarize
 
 MAGIC = b"BITNET\x00\x01"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ALIGN = 64
 PACKERS = {"ternary2": (pack_2bit, unpack_2bit), "ternary3": (pack_base3, unpack_base3)}
+FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FLOAT_KINDS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class PackedFileError(ValueError):
-    """A .bitnet file that cannot be read; the message says why, in one line."""
+    """A .bitnet file that cannot be read or written; the message says why, in one line."""
 
 
-def _tensors(model, kind):
+def _bit_weights(model):
+    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, BitLinear)}
+
+
+def _float_bytes(name, t, dtype):
+    t = t.detach().to(torch.float32).cpu()
+    out = t.to(dtype)
+    if torch.isinf(out).any() and not torch.isinf(t).any():
+        big = t.abs().max().item()
+        raise PackedFileError(f"tensor {name} holds {big:.4g}, beyond {dtype}'s range; export "
+                              f"with --float_dtype=bf16 or fp32")
+    return out.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _tensors(model, kind, dtype):
     """(name, kind, bytes, shape, scale) per tensor of the model's state; BitLinears packed."""
-    bit_weights = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, BitLinear)}
+    bit_weights = _bit_weights(model)
+    float_kind = next(k for k, d in FLOAT_KINDS.items() if d == dtype)
     seen = {}
     for name, t in model.state_dict(keep_vars=False).items():
         if t.data_ptr() in seen:
@@ -50,14 +82,25 @@ def _tensors(model, kind):
             w_t, s = ternarize(t, bit_weights[name].eps)
             yield name, kind, PACKERS[kind][0](w_t).numpy().tobytes(), list(t.shape), s.item()
         else:
-            yield name, "float32", t.detach().float().cpu().numpy().tobytes(), list(t.shape), None
+            yield name, float_kind, _float_bytes(name, t, dtype), list(t.shape), None
 
 
-def save_packed(model, path, arch, model_args, meta=None, packing="2bit"):
-    """Write model to path (atomically) with its BitLinear weights packed."""
+@torch.no_grad()
+def round_float_tensors(model, float_dtype="fp16"):
+    """Round (in place) the tensors a .bitnet file stores as floats to float_dtype and back:
+    the model then computes what the exported integer model computes, up to float rounding."""
+    bit_weights = _bit_weights(model)
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name not in bit_weights and t.is_floating_point():
+            t.copy_(t.to(FLOAT_DTYPES[float_dtype]))
+    return model
+
+
+def save_packed(model, path, arch, model_args, meta=None, packing="2bit", float_dtype="fp16"):
+    """Write model to path (atomically) with its BitLinear weights packed; returns the header."""
     kind = {"2bit": "ternary2", "base3": "ternary3"}[packing]
     entries, aliases, blobs, offset = [], {}, [], 0
-    for name, k, data, shape, scale in _tensors(model, kind):
+    for name, k, data, shape, scale in _tensors(model, kind, FLOAT_DTYPES[float_dtype]):
         if k == "alias":
             aliases[name] = data
             continue
@@ -68,7 +111,8 @@ def save_packed(model, path, arch, model_args, meta=None, packing="2bit"):
                         "nbytes": len(data), **({"scale": scale} if scale is not None else {})})
         offset += len(data)
     header = json.dumps({"arch": arch, "model_args": model_args, "meta": meta,
-                         "tensors": entries, "aliases": aliases}).encode()
+                         "float_dtype": float_dtype, "tensors": entries,
+                         "aliases": aliases}).encode()
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(MAGIC + struct.pack("<IQ", FORMAT_VERSION, len(header)) + header)
@@ -77,37 +121,68 @@ def save_packed(model, path, arch, model_args, meta=None, packing="2bit"):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return json.loads(header)
+
+
+def ternary_bits_per_weight(header):
+    """Bits of file data per BitLinear weight (the packed bytes, alignment padding excluded)."""
+    ternary = [e for e in header["tensors"] if e["kind"] in PACKERS]
+    n = sum(torch.Size(e["shape"]).numel() for e in ternary)
+    return 8 * sum(e["nbytes"] for e in ternary) / max(n, 1)
+
+
+def _read_header(f, path, size):
+    start = f.read(20)
+    if start[:8] != MAGIC:
+        raise PackedFileError(f"'{path}' is not a .bitnet file (export one with export.py)")
+    if len(start) < 20:
+        raise PackedFileError(f"'{path}' is truncated (no header)")
+    version, n = struct.unpack("<IQ", start[8:20])
+    if version not in READABLE_VERSIONS:
+        raise PackedFileError(f"'{path}' is .bitnet version {version}; this code reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
+    try:
+        header = json.loads(f.read(n))
+        data_start = 20 + n
+        ends = [data_start + e["offset"] + e["nbytes"] for e in header["tensors"]]
+    except (ValueError, KeyError, TypeError):
+        raise PackedFileError(f"'{path}' is truncated or corrupt (bad header)") from None
+    if ends and max(ends) > size:
+        raise PackedFileError(f"'{path}' is truncated: its data ends {max(ends) - size} bytes "
+                              f"early")
+    return header, data_start
+
+
+def _tensor(e, buf):
+    """One header entry's tensor from its bytes: float as stored, ternary as int8 (out, in)."""
+    if e["kind"] in FLOAT_KINDS:
+        t = torch.frombuffer(buf, dtype=FLOAT_KINDS[e["kind"]]) if len(buf) else torch.empty(0)
+        return t.view(e["shape"])
+    return PACKERS[e["kind"]][1](torch.frombuffer(buf, dtype=torch.uint8), e["shape"])
 
 
 def load_packed(path):
-    """Read a .bitnet file -> (header dict, state dict for the model after to_integer)."""
-    raw = Path(path).read_bytes()
-    if raw[:8] != MAGIC:
-        raise PackedFileError(f"'{path}' is not a .bitnet file (export one with export.py)")
-    if len(raw) < 20:
-        raise PackedFileError(f"'{path}' is truncated (no header)")
-    version, n = struct.unpack("<IQ", raw[8:20])
-    if version != FORMAT_VERSION:
-        raise PackedFileError(f"'{path}' is .bitnet version {version}; this code reads version "
-                              f"{FORMAT_VERSION}")
-    try:
-        header = json.loads(raw[20:20 + n])
-    except ValueError:
-        raise PackedFileError(f"'{path}' is truncated or corrupt (bad header)") from None
-    data, state = memoryview(raw)[20 + n:], {}
-    for e in header["tensors"]:
-        if e["offset"] + e["nbytes"] > len(data):
-            raise PackedFileError(f"'{path}' is truncated: tensor {e['name']} runs past the end")
-        buf = data[e["offset"]:e["offset"] + e["nbytes"]]
-        if e["kind"] == "float32":
-            state[e["name"]] = torch.from_numpy(np.frombuffer(buf, np.float32).copy()
-                                                ).view(e["shape"])
-        else:
-            packed = torch.from_numpy(np.frombuffer(buf, np.uint8).copy())
-            w_t = PACKERS[e["kind"]][1](packed, e["shape"])
-            prefix = e["name"].removesuffix("weight")
-            state[prefix + "weight_t"] = w_t.t().contiguous()
-            state[prefix + "weight_scale"] = torch.tensor(e["scale"], dtype=torch.float32)
+    """Read a .bitnet file -> (header dict, state dict for the model after to_integer).
+
+    Float tensors keep the file's dtype (bitlinear.inference.load_integer_state decides how they
+    run); tensors are read one at a time, so the whole file is never in memory at once.
+    """
+    size = Path(path).stat().st_size
+    state = {}
+    with open(path, "rb") as f:
+        header, data_start = _read_header(f, path, size)
+        for e in header["tensors"]:
+            try:
+                f.seek(data_start + e["offset"])
+                buf = bytearray(e["nbytes"])
+                f.readinto(buf)
+                state[e["name"]] = _tensor(e, buf)
+                if "scale" in e:
+                    prefix = e["name"].removesuffix("weight")
+                    state[prefix + "weight_scale"] = torch.tensor(e["scale"], dtype=torch.float32)
+            except (ValueError, KeyError, TypeError, RuntimeError):
+                raise PackedFileError(f"'{path}' is corrupt: tensor {e.get('name')} does not "
+                                      f"match its header entry") from None
     for name, target in header["aliases"].items():
         state[name] = state[target]
     return header, state

@@ -1,5 +1,5 @@
 # llama_70m: the BitNet-LLama-70M seed's model: a 12-layer LLaMA, 512 wide, on a Cosmopedia subset.
-# parameters: 71.4M | training memory: 12.9 GB (batch_size 16, bfloat16)
+# parameters: 71.4M | training memory: 12.3 GB (batch_size 16, bfloat16)
 # Tied embeddings and widths that are multiples of 256, so it exports to GGUF. 16 x 1024 tokens x
 # 32 accumulation steps = 524,288 tokens a step. Prepare the data first:
 #   python data/cosmopedia/prepare.py

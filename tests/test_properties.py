@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from bitlinear import (
+    BitLinear,
     activation_quant,
     activation_quant_int,
+    bitlinear_reference,
     pack_2bit,
     pack_base3,
     ternarize,
@@ -63,6 +65,32 @@ def test_weight_quant_properties(w):
     assert wq.dtype == w.dtype and torch.isfinite(wq).all()
     if w.dtype == torch.float32:
         assert torch.equal(t.float() / s, wq)  # the integer form is the fake-quant, exactly
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(1, 40), magnitudes, st.booleans(),
+       st.integers(0, 2**16))
+def test_bitlinear_equals_reference_bit_for_bit(batch, k, n, magnitude, bias, seed):
+    """Values and gradients of the fast BitLinear are the reference's, on any shape and scale;
+    after the weight changes in place, the cached W_q follows."""
+    g = torch.Generator().manual_seed(seed)
+    layer = BitLinear(k, n, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, k, generator=g) * magnitude)
+    x = torch.randn(batch, 3, k, generator=g) * magnitude
+    dy = torch.randn(batch, 3, n, generator=g)
+    for _ in range(2):
+        results = []
+        for fn in (layer, lambda t: bitlinear_reference(t, layer.weight, layer.bias)):
+            layer.zero_grad(set_to_none=True)
+            xr = x.clone().requires_grad_()
+            y = fn(xr)
+            y.backward(dy)
+            results.append([y, xr.grad, layer.weight.grad])
+        for a, b in zip(*results, strict=True):  # exactly equal; at 1e30 both overflow alike
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        with torch.no_grad():
+            layer.weight.mul_(-0.5).add_(magnitude)
 
 
 @settings(max_examples=200, deadline=None)
