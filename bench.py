@@ -18,7 +18,6 @@ peak RSS during the benchmark (getrusage), for the whole process (both models wi
 Keys are train.py's, plus compare, bench_steps, bench_warmup, bench_rounds and peak_flops.
 """
 
-import re
 import resource
 import statistics
 import sys
@@ -28,46 +27,17 @@ import time
 import torch
 
 from configurator import run_cli
+from metrics import peak_flops
 from train import DEFAULTS as TRAIN_DEFAULTS
 from train import Trainer, resolve
 
 DEFAULTS = dict(TRAIN_DEFAULTS, compare=False, bench_steps=50, bench_warmup=10, bench_rounds=4,
                 peak_flops=0.0)  # peak_flops: FLOPS of the device; 0 looks it up in PEAK_FLOPS
 
-# bf16 dense tensor-core peaks from the vendors' datasheets (the sparse figures halved), matched
-# against torch.cuda.get_device_name() in this order: the first match wins
-PEAK_FLOPS = [
-    (r"H200", 989e12, "H200"),
-    (r"H100.*PCIe", 756e12, "H100 PCIe"),
-    (r"H100.*NVL", 835e12, "H100 NVL"),
-    (r"H100", 989e12, "H100 SXM"),
-    (r"B200", 2250e12, "B200"),
-    (r"A100", 312e12, "A100"),
-    (r"L40S", 362e12, "L40S"),
-    (r"\bL4\b", 121e12, "L4"),
-    (r"\bA10\b", 125e12, "A10"),
-    (r"RTX 4090", 165e12, "RTX 4090"),
-    (r"MI300X", 1307e12, "MI300X"),
-]
-
-
 def device_name(device):
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
     return f"{device} ({torch.get_num_threads()} threads)"
-
-
-def peak_flops(cfg):
-    """(FLOPS or None, where it came from)."""
-    if cfg["peak_flops"] > 0:
-        return cfg["peak_flops"], "--peak_flops"
-    if cfg["device"].startswith("cuda"):
-        name = torch.cuda.get_device_name(cfg["device"])
-        for pattern, flops, label in PEAK_FLOPS:
-            if re.search(pattern, name):
-                return flops, f"{label} bf16 dense, bench.py's table"
-        return None, f"'{name}' is not in bench.py's table; give --peak_flops="
-    return None, f"no peak is known for {cfg['device']}; give --peak_flops="
 
 
 def peak_rss_bytes():
@@ -113,7 +83,7 @@ def bench(cfg):
                 run["times"] += times
                 run["mem"] = max(run["mem"], mem)
     rss = peak_rss_bytes() - rss0
-    flops, source = peak_flops(cfg)
+    flops, source = peak_flops(cfg["device"], cfg["peak_flops"])
     tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
     print(f"device {device_name(cfg['device'])}, dtype {cfg['dtype']}, compile {cfg['compile']}, "
           f"{tokens:,} tokens/step; peak FLOPS "

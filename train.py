@@ -24,7 +24,7 @@ import distributed
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import ConfigError, UserError, list_configs, run_cli
 from data.loader import Data
-from metrics import MetricsLog
+from metrics import MetricsLog, peak_flops
 from models import ARCHS, arch_keys, build_model, model_args
 
 DEFAULTS = dict(
@@ -269,6 +269,7 @@ class Trainer:
             torch.set_rng_state(ckpt["rng"]["torch"])
             self.data.generator.set_state(ckpt["rng"]["data"])
         self.model = distributed.wrap(self.raw_model, cfg, self.world_size)
+        self.peak_flops = peak_flops(self.device)[0]
         self.tokens_per_iter = (cfg["gradient_accumulation_steps"] * self.world_size
                                 * cfg["batch_size"] * cfg["block_size"])
 
@@ -347,8 +348,11 @@ class Trainer:
         self.mark = (now, self.iter_num)
         tokens_per_sec = (self.iter_num - it) * self.tokens_per_iter / max(now - t, 1e-9)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+        mfu = (self.raw_model.flops_per_token() * tokens_per_sec / self.peak_flops
+               if self.peak_flops else None)
         self.metrics.write({"step": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter,
-                            "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec})
+                            "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
+                            "mfu": mfu})
 
     def check_finite(self, loss):
         """Stop on a NaN/inf loss before it reaches a checkpoint; the last good one stays."""

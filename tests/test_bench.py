@@ -42,10 +42,11 @@ def test_mfu_comes_from_the_stated_peak(tiny_cfg, capsys):
     ("NVIDIA A10G", None), ("Some Future GPU", None)])
 def test_gpu_peaks_are_matched_by_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    flops, source = bench.peak_flops(dict(peak_flops=0.0, device="cuda"))
+    from metrics import peak_flops
+    flops, source = peak_flops("cuda")
     assert flops == peak
-    assert ("not in bench.py's table" in source) == (peak is None)
-    assert bench.peak_flops(dict(peak_flops=5e14, device="cuda")) == (5e14, "--peak_flops")
+    assert ("not in metrics.py's table" in source) == (peak is None)
+    assert peak_flops("cuda", 5e14) == (5e14, "--peak_flops")
 
 
 def test_command_line(tiny_cfg, capsys):

@@ -192,3 +192,14 @@ def test_wandb_missing_is_one_clear_line(tiny_cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(ConfigError, match="needs the 'wandb' package: pip install wandb"):
         Trainer(dict(tiny_cfg, wandb_log=True)).run()
+
+
+def test_mfu_is_logged_against_the_device_peak(tiny_cfg, monkeypatch):
+    import train
+    monkeypatch.setattr(train, "peak_flops", lambda device: (1e12, "test"))
+    trainer = Trainer(tiny_cfg)
+    trainer.run()
+    logs = [m for m in read_metrics(tiny_cfg["out_dir"]) if "loss" in m]
+    per_token = trainer.raw_model.flops_per_token()
+    for m in logs:
+        assert m["mfu"] == pytest.approx(per_token * m["tokens_per_sec"] / 1e12)
