@@ -3,6 +3,7 @@
     python bench.py configs/train_shakespeare_char.py --device=cpu          # the ternary model
     python bench.py configs/train_shakespeare_char.py --bitlinear=False     # its float twin
     python bench.py configs/train_shakespeare_char.py --device=cpu --compare --bench_steps=400
+    python bench.py --memory                # every config's training memory, and the GPUs it fits
 
 Each step is train.py's own (Trainer.step: gradient_accumulation_steps micro-batches, clipping,
 AdamW), timed after bench_warmup steps; reported are the median step time, tokens/s, peak memory
@@ -32,7 +33,8 @@ from train import DEFAULTS as TRAIN_DEFAULTS
 from train import Trainer, resolve
 
 DEFAULTS = dict(TRAIN_DEFAULTS, compare=False, bench_steps=50, bench_warmup=10, bench_rounds=4,
-                peak_flops=0.0)  # peak_flops: FLOPS of the device; 0 looks it up in PEAK_FLOPS
+                peak_flops=0.0,  # FLOPS of the device; 0 looks it up in metrics.PEAK_FLOPS
+                memory=False)  # print every config's estimated training memory instead
 
 def device_name(device):
     if device.startswith("cuda"):
@@ -110,8 +112,40 @@ def bench(cfg):
     return result
 
 
+def memory_table(gpus=8):
+    """Markdown: each config's estimated training memory per GPU (models.training_memory) at its
+    batch_size, plain (one GPU, or DDP), with activation checkpointing, and with FSDP across
+    `gpus` GPUs; and the smallest of 24/40/80 GB GPUs each fits in (using at most 90% of it:
+    the CUDA context and the allocator's slack take the rest)."""
+    from pathlib import Path
+
+    from configurator import config_facts, parse_args
+    from models import model_args, training_memory
+    rows = ["| config | params | batch | one GPU / DDP | + act. ckpt | FSDP x8 | FSDP x8 + act. "
+            "ckpt |", "|---|---|---|---|---|---|---|"]
+    fit = lambda b: f"{b / 1e9:.1f} GB" + next((f" ({g})" for g in (24, 40, 80)  # noqa: E731
+                                                if b < g * 1e9 * 0.9), " (>80)")
+    configs = sorted(Path(__file__).parent.glob("configs/*.py"),
+                     key=lambda p: config_facts(p)["params"] or 0)
+    for path in configs:
+        cfg = parse_args(TRAIN_DEFAULTS, [str(path)])
+        args = dict(model_args(cfg["arch"], cfg),
+                    vocab_size=65 if cfg["dataset"] == "shakespeare_char" else 50304)
+        dtype = config_facts(path)["setting"].split(", ")[1]
+        need = [training_memory(cfg["arch"], args, cfg["batch_size"], dtype, shards, ckpt)
+                for shards in (1, gpus) for ckpt in (False, True)]
+        rows.append(f"| {path.stem} | {config_facts(path)['params_text']} | "
+                    f"{cfg['batch_size']} | " + " | ".join(map(fit, need)) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
-    return run_cli(DEFAULTS, lambda cfg: bench(resolve(cfg)), "bench.py", __doc__, argv)
+    def run(cfg):
+        if cfg["memory"]:
+            print(memory_table())
+            return None
+        return bench(resolve(cfg))
+    return run_cli(DEFAULTS, run, "bench.py", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from .inference import TernaryLinear, int_matmul, to_integer
 from .layer import (
     BitLinear,
     RMSNorm,
+    adamw,
     bitlinear,
     bitlinear_reference,
     make_linear,
@@ -21,7 +22,7 @@ from .quant import (
 )
 
 __all__ = [
-    "EPS", "BitLinear", "RMSNorm", "bitlinear", "bitlinear_reference", "make_linear",
+    "EPS", "BitLinear", "adamw", "RMSNorm", "bitlinear", "bitlinear_reference", "make_linear",
     "param_groups", "activation_quant", "activation_quant_int", "activation_scale", "ternarize",
     "weight_quant", "weight_scale", "pack_2bit", "unpack_2bit", "pack_base3", "unpack_base3",
     "TernaryLinear", "int_matmul", "to_integer",

@@ -1,5 +1,6 @@
 """BitLinear: the drop-in nn.Linear replacement of BitNet b1.58, shared by every model."""
 
+import inspect
 import weakref
 
 import torch
@@ -214,3 +215,10 @@ def param_groups(model, weight_decay, bit_lr_scale=1.0, no_decay=()):
          "weight_decay": 0.0, "lr_scale": 1.0},
     ]
     return [g for g in groups if g["params"]]
+
+
+def adamw(model, weight_decay, learning_rate, betas, device_type, bit_lr_scale=1.0, no_decay=()):
+    """AdamW over param_groups (fused on CUDA), as every model's configure_optimizers makes it."""
+    groups = param_groups(model, weight_decay, bit_lr_scale, no_decay)
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)

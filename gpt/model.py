@@ -4,7 +4,6 @@ Read like nanoGPT's model.py: LayerNorm, learned positions, causal self-attentio
 embeddings. The embeddings, norms and the output head stay full precision, as in BitNet b1.58.
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitlinear import make_linear, param_groups
+from bitlinear import adamw, make_linear
 from generation import generate
 
 
@@ -145,9 +144,8 @@ class GPT(nn.Module):
                              bit_lr_scale=1.0):
         """AdamW; weight decay on the linears, not on norms, biases or embeddings."""
         embeddings = (self.transformer.wte.weight, self.transformer.wpe.weight)
-        groups = param_groups(self, weight_decay, bit_lr_scale, no_decay=embeddings)
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+        return adamw(self, weight_decay, learning_rate, betas, device_type, bit_lr_scale,
+                     no_decay=embeddings)
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), as in the PaLM appendix / nanoGPT."""

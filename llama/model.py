@@ -6,7 +6,6 @@ like llama2.c's model.py. Options from the BitNet b1.58 2B4T report: a squared-R
 The embeddings, norms and the output head stay full precision.
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitlinear import RMSNorm, make_linear, param_groups
+from bitlinear import RMSNorm, adamw, make_linear
 from generation import generate
 
 
@@ -193,10 +192,8 @@ class Llama(nn.Module):
                              bit_lr_scale=1.0):
         """AdamW; weight decay on the linears (an untied head included), not on norms or the
         embedding."""
-        groups = param_groups(self, weight_decay, bit_lr_scale,
-                              no_decay=(self.tok_embeddings.weight,))
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+        return adamw(self, weight_decay, learning_rate, betas, device_type, bit_lr_scale,
+                     no_decay=(self.tok_embeddings.weight,))
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), as in the PaLM appendix / nanoGPT:
