@@ -33,7 +33,8 @@ from generation import KVCache
 
 DEFAULTS = dict(ckpt="out/ckpt.pt", prompt_tokens=32, new_tokens=32, repeats=3, seed=0,
                 threads=0,  # 0: torch's default
-                float_dtype="fp16")  # the .bitnet file's floats, as export.py --float_dtype
+                float_dtype="fp16",  # the .bitnet file's floats, as export.py --float_dtype
+                embed_int8=False)  # as export.py --embed_int8
 
 ROOT = Path(__file__).resolve().parent
 
@@ -51,7 +52,7 @@ def as_float(model):
     return model
 
 
-def write_files(model, ckpt, tmp, float_dtype):
+def write_files(model, ckpt, tmp, float_dtype, embed_int8=False):
     """The files to compare: (sizes, bits per ternary weight, float32 .pt path, .bitnet path)."""
     sizes, bits = {}, {}
     float_model = as_float(model)
@@ -62,8 +63,9 @@ def write_files(model, ckpt, tmp, float_dtype):
     for packing in ("2bit", "base3"):
         path = Path(tmp) / f"{packing}.bitnet"
         header = save_packed(model, path, ckpt["arch"], ckpt["model_args"], ckpt.get("meta"),
-                             packing, float_dtype)
-        sizes[f".bitnet {packing} ({float_dtype})"] = path.stat().st_size
+                             packing, float_dtype, embed_int8)
+        sizes[f".bitnet {packing} ({'int8 emb., ' if embed_int8 else ''}{float_dtype})"] = \
+            path.stat().st_size
         bits[packing] = ternary_bits_per_weight(header)
     return sizes, bits, Path(tmp) / "float32.pt", Path(tmp) / "2bit.bitnet"
 
@@ -147,7 +149,8 @@ def bench(cfg):
                new_tokens=cfg["new_tokens"], repeats=cfg["repeats"], threads=cfg["threads"])
     names = {"float": "float32 (nn.Linear)", "packed": "packed int8 x ternary"}
     with tempfile.TemporaryDirectory() as tmp:
-        sizes, bits, float_path, packed_path = write_files(trained, ckpt, tmp, cfg["float_dtype"])
+        files = write_files(trained, ckpt, tmp, cfg["float_dtype"], cfg["embed_int8"])
+        sizes, bits, float_path, packed_path = files
         n_params = trained.get_num_params()
         del trained
         results = {kind: run_path(dict(job, kind=kind, path=str(path)))

@@ -9,7 +9,9 @@ stored as packed ternary values plus its scale; the other tensors (embeddings, n
 as --float_dtype: fp16 by default (3 more mantissa bits than bf16, and the CPU head runs it
 exactly through fbgemm's fp16 GEMM; export refuses a model with values beyond fp16's range),
 bf16 (float32's range), or fp32 (the training values, a bigger file). The integer model computes
-with exactly the stored values.
+with exactly the stored values. --embed_int8=True stores the embeddings and the output head as
+int8 with one scale per row instead (half the bytes of fp16, and the head runs as an integer
+matmul), which changes the logits slightly: the model is no longer exactly the trained one.
 """
 
 from pathlib import Path
@@ -30,6 +32,7 @@ DEFAULTS = dict(
     packing="2bit",  # '2bit' (4 weights per byte) or 'base3' (5 weights per byte)
     to="",  # the output file; empty means out_dir/model.bitnet
     float_dtype="fp16",  # embeddings, norms, head: 'fp16', 'bf16' or 'fp32'
+    embed_int8=False,  # embeddings and head as int8 rows with a scale each: smaller, not exact
 )
 
 
@@ -49,12 +52,14 @@ def export(cfg):
     dst = Path(cfg["to"] or Path(cfg["out_dir"]) / "model.bitnet")
     try:
         header = save_packed(model, dst, ckpt["arch"], ckpt["model_args"], ckpt.get("meta"),
-                             cfg["packing"], cfg["float_dtype"])
+                             cfg["packing"], cfg["float_dtype"], cfg["embed_int8"])
     except PackedFileError as e:
         raise ConfigError(str(e)) from None
     print(f"wrote {dst}: {dst.stat().st_size / 1e6:.2f} MB ({src} is "
           f"{src.stat().st_size / 1e6:.2f} MB with optimizer state); linear layers "
-          f"{ternary_bits_per_weight(header):.3f} bits/weight, other tensors {cfg['float_dtype']}")
+          f"{ternary_bits_per_weight(header):.3f} bits/weight, "
+          f"{'embeddings and head int8, ' if cfg['embed_int8'] else ''}other tensors "
+          f"{cfg['float_dtype']}")
     return dst
 
 

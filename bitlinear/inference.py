@@ -203,6 +203,42 @@ class Embedding16(nn.Module):
         return f"{self.weight.size(0)}, {self.weight.size(1)}, {self.weight.dtype}"
 
 
+class Embedding8(nn.Module):
+    """Embeddings stored as int8 rows with one scale each (export.py --embed_int8=True)."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)  # (rows, dim) int8
+        self.register_buffer("weight_scale", weight_scale)  # (rows,): a row is int8 / scale
+
+    def forward(self, idx):
+        return F.embedding(idx, self.weight).float() / F.embedding(idx, self.weight_scale[:, None])
+
+    def extra_repr(self):
+        return f"{self.weight.size(0)}, {self.weight.size(1)}, int8"
+
+
+class Linear8(nn.Module):
+    """An output head stored as int8 rows with one scale each, run as an integer matmul: the
+    input is quantized per token to int8 (as in TernaryLinear), y = (X_i W_i^T) / (s_x s_w)."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias=None, eps=EPS):
+        super().__init__()
+        self.in_features, self.out_features, self.eps = weight.size(1), weight.size(0), eps
+        self.register_buffer("weight", weight)  # (out, in) int8
+        self.register_buffer("weight_scale", weight_scale)  # (out,)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    def forward(self, x):
+        x_i, s_x = activation_quant_int(x.reshape(-1, x.size(-1)), self.eps)
+        y = torch.div(int_matmul(x_i, self.weight), s_x * self.weight_scale)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, int8"
+
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -237,19 +273,25 @@ def load_integer_state(model: nn.Module, state: dict) -> nn.Module:
     """Load a .bitnet state (bitlinear.packed_file.load_packed) into an integer model; returns it.
 
     model comes from to_integer, typically of a shell_model. 16-bit embeddings and heads become
-    Embedding16 / Linear16 holding the file's tensors; every other float tensor is widened to
-    float32 (exactly). The model takes the state's tensors themselves (assign=True): no copies.
+    Embedding16 / Linear16 holding the file's tensors, int8 ones Embedding8 / Linear8; every
+    other float tensor is widened to float32 (exactly). The model takes the state's tensors
+    themselves (assign=True): no copies.
     """
     for qual, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             prefix = f"{qual}.{name}." if qual else f"{name}."
-            w = state.get(prefix + "weight")
-            if w is None or w.dtype not in LOW_PRECISION:
+            w, bias = state.get(prefix + "weight"), state.get(prefix + "bias")
+            if w is None or type(child) not in (nn.Embedding, nn.Linear):
                 continue
-            if type(child) is nn.Embedding:
-                setattr(parent, name, Embedding16(w))
-            elif type(child) is nn.Linear:
-                setattr(parent, name, Linear16(w, state.get(prefix + "bias")))
+            embedding = type(child) is nn.Embedding
+            if w.dtype == torch.int8:
+                scale = state[prefix + "weight_scale"]
+                new = Embedding8(w, scale) if embedding else Linear8(w, scale, bias)
+            elif w.dtype in LOW_PRECISION:
+                new = Embedding16(w) if embedding else Linear16(w, bias)
+            else:
+                continue
+            setattr(parent, name, new)
     state = {k: v.float() if v.dtype in LOW_PRECISION and not _is_16bit_weight(model, k) else v
              for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
@@ -259,4 +301,4 @@ def load_integer_state(model: nn.Module, state: dict) -> nn.Module:
 def _is_16bit_weight(model, key):
     owner, _, leaf = key.rpartition(".")
     module = model.get_submodule(owner) if owner else model
-    return leaf == "weight" and isinstance(module, (Linear16, Embedding16))
+    return leaf == "weight" and isinstance(module, (Linear16, Embedding16, Linear8, Embedding8))

@@ -182,6 +182,8 @@ class BitLinear(nn.Linear):
         if torch.compiler.is_compiling():  # the graph quantizes, and fuses, by itself
             return _BitLinearSTE.apply(x, self.weight, self.bias, None, None, self.eps)
         x_q, w_q = quantized_input(x, self.eps), self.quantized_weight()
+        if not torch.is_grad_enabled():  # evaluation, generation: the same F.linear, no graph
+            return F.linear(x_q, w_q, self.bias)
         return _BitLinearSTE.apply(x, self.weight, self.bias, x_q, w_q, self.eps)
 
     def extra_repr(self):

@@ -1,9 +1,9 @@
 """The .bitnet file: a model with its BitLinear weights packed to 2 (or 1.6) bits each.
 
-Layout, version 2 (all integers little-endian):
+Layout, version 3 (all integers little-endian):
 
     magic    8 bytes   b"BITNET\\x00\\x01"
-    version  uint32    2
+    version  uint32    3
     length   uint64    byte length of the header
     header   JSON      {"arch", "model_args", "meta", "float_dtype", "tensors": [...],
                         "aliases": {...}}
@@ -20,9 +20,14 @@ Each tensor entry has name, kind, shape, offset and nbytes. Kinds:
         row-major, the last byte padded with code 1 (value 0) (pack.py):
           ternary2: value 4k+j is bits 2j..2j+1 of byte k (least significant first): 2 bits each
           ternary3: byte k is sum_j code[5k+j] * 3**j, j = 0..4 (0..242): 1.6 bits each
+  "int8"  (export.py --embed_int8=True) an embedding or output-head weight of shape (rows, cols)
+        as int8, row-major, one absmax scale per row (127 / max|row|, the activation quantizer's
+        formula) in the float32 tensor "<prefix>.weight_scale" of shape (rows,): the row is
+        int8 / scale. Smaller (a quarter of float32) but no longer the trained values.
 "aliases" maps a tied tensor's name to the name of the tensor it shares (stored once).
 
-Version 1 is the same layout with float32 as the only float kind; it is still read. A file with
+Version 2 is the same layout without "int8"; version 1 also has float32 as the only float kind.
+Both are still read. A file with
 another magic or version, a bad header, or data that ends early is refused with one line.
 
 16-bit floats by default: float16 (export.py --float_dtype=fp16) keeps 3 more mantissa bits than
@@ -39,11 +44,11 @@ import torch
 
 from .layer import BitLinear
 from .pack import pack_2bit, pack_base3, unpack_2bit, unpack_base3
-from .quant import ternarize
+from .quant import activation_quant_int, ternarize
 
 MAGIC = b"BITNET\x00\x01"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ALIGN = 64
 PACKERS = {"ternary2": (pack_2bit, unpack_2bit), "ternary3": (pack_base3, unpack_base3)}
 FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -68,19 +73,34 @@ def _float_bytes(name, t, dtype):
     return out.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _tensors(model, kind, dtype):
-    """(name, kind, bytes, shape, scale) per tensor of the model's state; BitLinears packed."""
+def _embedding_weights(model):
+    """Names of the weights of embeddings and float output heads (not BitLinears)."""
+    return {f"{n}.weight" for n, m in model.named_modules()
+            if type(m) is torch.nn.Embedding or type(m) is torch.nn.Linear}
+
+
+def _tensors(model, kind, dtype, embed_int8=False):
+    """(name, kind, bytes, shape, scale) per tensor of the model's state; BitLinears packed,
+    and with embed_int8 the embeddings and head as int8 rows plus a scale tensor each."""
     bit_weights = _bit_weights(model)
+    int8_weights = _embedding_weights(model) if embed_int8 else set()
     float_kind = next(k for k, d in FLOAT_KINDS.items() if d == dtype)
     seen = {}
     for name, t in model.state_dict(keep_vars=False).items():
+        scale_name = name.removesuffix("weight") + "weight_scale"
         if t.data_ptr() in seen:
             yield name, "alias", seen[t.data_ptr()], None, None
+            if name in int8_weights:
+                yield scale_name, "alias", seen[t.data_ptr()] + "_scale", None, None
             continue
         seen[t.data_ptr()] = name
         if name in bit_weights:
             w_t, s = ternarize(t, bit_weights[name].eps)
             yield name, kind, PACKERS[kind][0](w_t).numpy().tobytes(), list(t.shape), s.item()
+        elif name in int8_weights:
+            w_i, s = activation_quant_int(t.detach().float().cpu())
+            yield name, "int8", w_i.numpy().tobytes(), list(t.shape), None
+            yield scale_name, "float32", s.view(-1).numpy().tobytes(), [t.size(0)], None
         else:
             yield name, float_kind, _float_bytes(name, t, dtype), list(t.shape), None
 
@@ -96,11 +116,13 @@ def round_float_tensors(model, float_dtype="fp16"):
     return model
 
 
-def save_packed(model, path, arch, model_args, meta=None, packing="2bit", float_dtype="fp16"):
+def save_packed(model, path, arch, model_args, meta=None, packing="2bit", float_dtype="fp16",
+                embed_int8=False):
     """Write model to path (atomically) with its BitLinear weights packed; returns the header."""
     kind = {"2bit": "ternary2", "base3": "ternary3"}[packing]
     entries, aliases, blobs, offset = [], {}, [], 0
-    for name, k, data, shape, scale in _tensors(model, kind, FLOAT_DTYPES[float_dtype]):
+    tensors = _tensors(model, kind, FLOAT_DTYPES[float_dtype], embed_int8)
+    for name, k, data, shape, scale in tensors:
         if k == "alias":
             aliases[name] = data
             continue
@@ -155,8 +177,9 @@ def _read_header(f, path, size):
 
 def _tensor(e, buf):
     """One header entry's tensor from its bytes: float as stored, ternary as int8 (out, in)."""
-    if e["kind"] in FLOAT_KINDS:
-        t = torch.frombuffer(buf, dtype=FLOAT_KINDS[e["kind"]]) if len(buf) else torch.empty(0)
+    dtype = torch.int8 if e["kind"] == "int8" else FLOAT_KINDS.get(e["kind"])
+    if dtype is not None:
+        t = torch.frombuffer(buf, dtype=dtype) if len(buf) else torch.empty(0, dtype=dtype)
         return t.view(e["shape"])
     return PACKERS[e["kind"]][1](torch.frombuffer(buf, dtype=torch.uint8), e["shape"])
 

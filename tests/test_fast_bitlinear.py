@@ -47,6 +47,8 @@ def test_fast_path_equals_reference_bit_for_bit(bias, norm, shape):
             layer.norm.weight.uniform_(0.5, 1.5)
     x, g = torch.randn(*shape) * 3, torch.randn(*shape[:-1], 40)
     assert_same(grads(lambda m, x: m(x), layer, x, g), grads(reference, layer, x, g))
+    with torch.no_grad():  # evaluation skips the autograd Function: the same values
+        assert torch.equal(layer(x), reference(layer, x))
     if not norm:  # the functional form too
         fn = lambda m, x: bitlinear(x, m.weight, m.bias)  # noqa: E731
         assert_same(grads(fn, layer, x, g), grads(reference, layer, x, g))
@@ -68,6 +70,8 @@ def test_fast_path_equals_reference_under_bf16_autocast(bias):
     fast = grads(autocast(lambda m, x: m(x)), layer, x, g)
     assert fast[0].dtype == torch.bfloat16 and fast[2].dtype == torch.float32
     assert_same(fast, grads(autocast(reference), layer, x, g))
+    with torch.no_grad():
+        assert torch.equal(autocast(lambda m, x: m(x))(layer, x), autocast(reference)(layer, x))
 
 
 def test_quantized_weight_is_cached_until_the_weight_changes():

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 import bitlinear.inference as inference
-from bitlinear import BitLinear, TernaryLinear, int_matmul, to_integer
-from bitlinear.inference import Embedding16, Linear16, SharedQuant, fbgemm_fp16_exact
+from bitlinear import BitLinear, TernaryLinear, activation_quant_int, int_matmul, to_integer
+from bitlinear.inference import (
+    Embedding8,
+    Embedding16,
+    Linear8,
+    Linear16,
+    SharedQuant,
+    fbgemm_fp16_exact,
+)
+from bitlinear.quant import activation_quant
 from checkpoint import load_checkpoint, model_from_checkpoint
 from generation import generate
 from train import Trainer
@@ -110,6 +118,20 @@ def test_16bit_head_computes_with_its_exact_values(dtype):
     emb = Embedding16(w)
     idx = torch.tensor([[3, 999]])
     assert emb(idx).dtype == torch.float32 and torch.equal(emb(idx), w.float()[idx])
+
+
+def test_int8_embeddings_and_head_compute_their_quantized_values():
+    torch.manual_seed(0)
+    w = torch.randn(1000, 96) * 0.05
+    w_i, s = activation_quant_int(w)  # one absmax scale per row
+    emb, head = Embedding8(w_i, s.view(-1)), Linear8(w_i, s.view(-1))
+    idx = torch.tensor([[3, 999]])
+    assert torch.equal(emb(idx), (w_i.float() / s)[idx])
+    x = torch.randn(3, 96)
+    # the fake-quant model of an int8 head: 8-bit tokens times the dequantized rows
+    torch.testing.assert_close(head(x), activation_quant(x) @ (w_i.float() / s).t(),
+                               atol=1e-5, rtol=1e-5)
+    assert (head(x) - x @ w.t()).abs().max() < 0.02  # close to the float head, not equal
 
 
 def test_bf16_values_outside_fp16_take_the_float32_path():

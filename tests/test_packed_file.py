@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bench_inference import as_float
-from bitlinear import TernaryLinear, ternarize, to_integer
-from bitlinear.inference import Embedding16, Linear16
+from bitlinear import TernaryLinear, activation_quant_int, ternarize, to_integer
+from bitlinear.inference import Embedding8, Embedding16, Linear8, Linear16
 from bitlinear.packed_file import (
     FORMAT_VERSION,
     MAGIC,
@@ -56,8 +56,11 @@ def check_bit_exact(packed, model, dtype):
     """Every tensor of the reloaded model is what the training model's tensor quantizes to."""
     latent = model.state_dict()
     layers = {n: m for n, m in packed.named_modules() if isinstance(m, TernaryLinear)}
+    int8 = {n for n, m in packed.named_modules() if isinstance(m, (Embedding8, Linear8))}
     for name, t in packed.state_dict().items():
         owner, _, leaf = name.rpartition(".")
+        if owner in int8:  # --embed_int8: test_int8_embeddings_store_each_row_quantized_once
+            continue
         if owner in layers and leaf in ("weight", "weight_scale"):
             w_t, s = ternarize(latent[f"{owner}.weight"], layers[owner].eps)
             assert torch.equal(t, w_t if leaf == "weight" else s), name
@@ -112,6 +115,34 @@ def test_sizes_and_float_dtypes(trained, tmp_path, packing, bits, float_dtype):
     assert expected <= dst.stat().st_size < expected + 64 * 60 + 12000  # alignment + header
 
 
+@SOME
+def test_int8_embeddings_store_each_row_quantized_once(trained, tmp_path):
+    out, model = trained
+    fp16 = export(dict(DEFAULTS, out_dir=str(out), to=str(tmp_path / "a.bitnet")))
+    int8 = export(dict(DEFAULTS, out_dir=str(out), embed_int8=True, to=str(tmp_path / "b.bitnet")))
+    packed, header = model_from_packed(int8)
+    packed.eval()
+    check_bit_exact(packed, model, torch.float16)  # ternary weights, norms: as before
+    state, n_int8 = model.state_dict(), 0
+    for name, m in packed.named_modules():
+        if isinstance(m, (Embedding8, Linear8)):
+            w_i, s = activation_quant_int(state[name + ".weight"])
+            assert torch.equal(m.weight, w_i) and torch.equal(m.weight_scale, s.view(-1)), name
+            n_int8 += m.weight.numel()
+    assert not any(isinstance(m, (Embedding16, Linear16)) for m in packed.modules())
+    entries = {e["name"]: e for e in header["tensors"]}
+    stored = [e for e in entries.values() if e["kind"] == "int8"]
+    for e in stored:  # one byte a value, and a float32 scale a row
+        assert e["nbytes"] == torch.Size(e["shape"]).numel()
+        scale = entries[e["name"].removesuffix("weight") + "weight_scale"]
+        assert scale["kind"] == "float32" and scale["shape"] == e["shape"][:1]
+    assert 0 < sum(e["nbytes"] for e in stored) < n_int8  # the tied head is stored once
+    assert int8.stat().st_size < fp16.stat().st_size
+    idx = torch.randint(0, 65, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (packed(idx, idx)[0] - model(idx, idx)[0]).abs().max() < 0.1
+
+
 def test_fp16_overflow_is_refused(trained, tmp_path):
     _, model = trained
     model = copy.deepcopy(model)
@@ -124,13 +155,14 @@ def test_fp16_overflow_is_refused(trained, tmp_path):
     save_packed(model, tmp_path / "m.bitnet", "gpt", {}, packing="2bit", float_dtype="bf16")
 
 
-def test_version_1_files_still_load(trained, tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_versions_still_load(trained, tmp_path, version):
     out, model = trained
-    dst = export(dict(DEFAULTS, out_dir=str(out), float_dtype="fp32", to=str(tmp_path / "v2")))
+    dst = export(dict(DEFAULTS, out_dir=str(out), float_dtype="fp32", to=str(tmp_path / "v3")))
     raw = dst.read_bytes()
-    v1 = tmp_path / "v1.bitnet"  # version 1 wrote this layout, float32 the only float kind
-    v1.write_bytes(MAGIC + struct.pack("<I", 1) + raw[12:])
-    a, b = model_from_packed(dst)[0], model_from_packed(v1)[0]
+    old = tmp_path / "old.bitnet"  # versions 1 and 2 wrote this layout (1: float32 only)
+    old.write_bytes(MAGIC + struct.pack("<I", version) + raw[12:])
+    a, b = model_from_packed(dst)[0], model_from_packed(old)[0]
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
 
@@ -147,7 +179,7 @@ def test_bad_files_give_one_clear_error(trained, tmp_path):
              "header": (raw[:40], "truncated or corrupt"),
              "magic": (b"NOTBITNT" + raw[8:], "not a .bitnet file"),
              "version": (MAGIC + struct.pack("<I", FORMAT_VERSION + 1) + raw[12:],
-                         f"version {FORMAT_VERSION + 1}; this code reads versions 1, 2"),
+                         f"version {FORMAT_VERSION + 1}; this code reads versions 1, 2, 3"),
              "entry": (raw[:12] + struct.pack("<Q", len(bad_entry)) + bad_entry + raw[20 + n:],
                        "corrupt: tensor .* does not match its header entry")}
     for name, (data, message) in cases.items():
