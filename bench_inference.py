@@ -2,6 +2,7 @@
 
     python bench_inference.py --ckpt=out/ckpt.pt
     python bench_inference.py --ckpt=out-124m/ckpt.pt --prompt_tokens=128 --new_tokens=128
+    python bench_inference.py --ckpt=out/ckpt.pt --embed_int8=True --val_batches=20
 
 From one training checkpoint it writes two deployment files: (a) the float32 state dict of the
 same config with nn.Linear where the BitLinears were, holding the latent weights (what a float
@@ -34,7 +35,8 @@ from generation import KVCache
 DEFAULTS = dict(ckpt="out/ckpt.pt", prompt_tokens=32, new_tokens=32, repeats=3, seed=0,
                 threads=0,  # 0: torch's default
                 float_dtype="fp16",  # the .bitnet file's floats, as export.py --float_dtype
-                embed_int8=False)  # as export.py --embed_int8
+                embed_int8=False,  # as export.py --embed_int8
+                val_batches=0)  # > 0: also the val loss of the training model and the .bitnet
 
 ROOT = Path(__file__).resolve().parent
 
@@ -129,6 +131,17 @@ def worker(job):
                       "threads": torch.get_num_threads()}))
 
 
+@torch.no_grad()
+def val_losses(ckpt, models, n_batches, batch_size=8):
+    """Mean loss of each model over the same n_batches windows of the checkpoint's val.bin."""
+    from data.loader import Data
+    data = Data(dict(ckpt["config"], batch_size=batch_size), "cpu", seed=0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [data.batch("val", gen) for _ in range(n_batches)]
+    return {name: sum(m(x, y)[1].item() for x, y in batches) / n_batches
+            for name, m in models.items()}
+
+
 def run_path(job):
     code = f"import json, bench_inference as b; b.worker(json.loads({json.dumps(job)!r}))"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -152,6 +165,9 @@ def bench(cfg):
         files = write_files(trained, ckpt, tmp, cfg["float_dtype"], cfg["embed_int8"])
         sizes, bits, float_path, packed_path = files
         n_params = trained.get_num_params()
+        losses = val_losses(ckpt, {"training model": trained,
+                                   packed_path.name: model_from_packed(packed_path)[0].eval()},
+                            cfg["val_batches"]) if cfg["val_batches"] > 0 else {}
         del trained
         results = {kind: run_path(dict(job, kind=kind, path=str(path)))
                    for kind, path in (("float", float_path), ("packed", packed_path))}
@@ -169,6 +185,8 @@ def bench(cfg):
         print(f"  {names[kind]:22s} weights {r['weights'] / 1e6:8.2f} MB   peak RSS "
               f"{r['rss_peak']:7.1f} MB ({r['rss_before']:.0f} before loading)   prefill "
               f"{p:9.1f} tok/s   decode {d:8.1f} tok/s")
+    for name, loss in losses.items():
+        print(f"  val loss, {cfg['val_batches']} batches of 8: {name:16s} {loss:.4f}")
     f, i = results["float"], results["packed"]
     print(f"  integer / float: prefill {i['prefill_tps'] / f['prefill_tps']:.2f}x, decode "
           f"{i['decode_tps'] / f['decode_tps']:.2f}x")

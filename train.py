@@ -174,14 +174,18 @@ def get_weight_decay(it, cfg):
 
 
 @torch.no_grad()
-def estimate_loss(model, data, cfg, ctx):
-    """Mean loss over eval_iters batches per split; the same batches at every evaluation."""
+def estimate_loss(model, data, cfg, ctx, stop=lambda: False):
+    """Mean loss over eval_iters batches per split; the same batches at every evaluation.
+    Returns None, unfinished, as soon as stop() is true (a signal should not wait for it)."""
     out = {}
     model.eval()
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(cfg["seed"] + 1)
         losses = torch.zeros(cfg["eval_iters"])
         for k in range(cfg["eval_iters"]):
+            if stop():
+                model.train()
+                return None
             x, y = data.batch(split, gen)
             with ctx:
                 _, loss = model(x, y)
@@ -294,8 +298,14 @@ class Trainer:
         return self.elapsed_before + time.time() - self.t_start
 
     def evaluate(self):
-        """Estimate losses, log them, and save a checkpoint when due (on the master only)."""
-        losses = estimate_loss(self.model, self.data, self.cfg, self.ctx)
+        """Estimate losses, log them, and save a checkpoint when due (on the master only).
+        A stop signal abandons the evaluation (None) in a single process; with several, the
+        processes must run the same forwards (collectives), so it waits for the end."""
+        alone = self.world_size == 1
+        losses = estimate_loss(self.model, self.data, self.cfg, self.ctx,
+                               lambda: alone and self.stop.signal is not None)
+        if losses is None:
+            return None
         self.check_finite(losses["train"])
         if self.master:
             self.bar.write(f"step {self.iter_num}: train loss {losses['train']:.4f}, "
@@ -377,11 +387,14 @@ class Trainer:
         self.next_batch()
         losses = None
         with StopFlag() as stop:
+            self.stop = stop
             while True:
+                abandoned = False  # an evaluation cut short by a signal: save below
                 if self.iter_num % cfg["eval_interval"] == 0 or self.iter_num >= cfg["max_iters"]:
-                    losses = self.evaluate()
+                    evaluated = self.evaluate()
+                    abandoned, losses = evaluated is None, evaluated or losses
                     self.mark = (time.time(), self.iter_num)  # speed leaves evaluation out
-                if self.iter_num >= cfg["max_iters"] or cfg["eval_only"]:
+                if (self.iter_num >= cfg["max_iters"] or cfg["eval_only"]) and not abandoned:
                     break
                 out_of_time = 0 < cfg["max_time"] < time.time() - self.t_start
                 if stop.signal or out_of_time:
@@ -399,8 +412,9 @@ class Trainer:
         self.bar.close()
         if master:
             self.metrics.close()
+            val = f"{losses['val']:.4f}" if losses else "not evaluated"
             print(f"done: {self.iter_num} steps in {time.time() - self.t_start:.1f}s; final val "
-                  f"loss {losses['val']:.4f}; checkpoint {self.out_dir / 'ckpt.pt'}")
+                  f"loss {val}; checkpoint {self.out_dir / 'ckpt.pt'}")
         if self.world_size > 1:
             from torch.distributed import destroy_process_group
             destroy_process_group()

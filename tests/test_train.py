@@ -136,6 +136,32 @@ def test_signal_saves_and_exits_cleanly(tiny_cfg, sig):
     assert resumed.iter_num == step
 
 
+def test_a_signal_cuts_an_evaluation_short(tiny_cfg):
+    """SIGTERM during a (here endless) evaluation saves and exits at once: schedulers give a
+    stopping job seconds, not the length of an evaluation."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    args = [f"--{k}={tiny_cfg[k]}" for k in ("out_dir", "data_dir", "n_layer", "n_head", "n_embd",
+                                             "block_size", "batch_size")]
+    proc = subprocess.Popen([sys.executable, "-u", "train.py", *args, "--device=cpu",
+                             "--eval_iters=100000000"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert "parameters" in proc.stdout.readline()  # printed just before the loop
+        time.sleep(1.0)  # into the step-0 evaluation, which would take hours
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    out = proc.stdout.read()
+    assert "SIGTERM: saved" in out and "final val loss not evaluated" in out
+    assert load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt")["iter_num"] == 0
+
+
 def test_max_time_ends_cleanly_with_a_checkpoint(tiny_cfg):
     Trainer(dict(tiny_cfg, max_iters=10**6, max_time=1.0)).run()
     step = load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt")["iter_num"]
