@@ -177,7 +177,7 @@ def bench(cfg):
           f"forward), then {cfg['new_tokens']} single-token forwards (decode); best of "
           f"{cfg['repeats']}; each model in its own process")
     for name, size in sizes.items():
-        print(f"  file {name:24s} {size:>14,} bytes")
+        print(f"  file {name:34s} {size:>14,} bytes")
     print(f"  linear layers: {bits['2bit']:.3f} bits/weight (2bit), {bits['base3']:.3f} (base3)")
     for kind, r in results.items():
         p, d = cfg["prompt_tokens"] / r["prefill"], cfg["new_tokens"] / r["decode"]
