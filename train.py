@@ -382,6 +382,7 @@ class Trainer:
                   f"{self.world_size} process(es)")
             self.metrics = MetricsLog(cfg, self.out_dir, append=self.iter_num > 0)
         self.t_start = time.time()
+        self.mark = (self.t_start, self.iter_num)  # (time, step) of the last log, for tokens/s
         self.bar = tqdm(total=cfg["max_iters"], initial=self.iter_num, disable=not master,
                         dynamic_ncols=True, desc="train")
         self.next_batch()

@@ -45,10 +45,11 @@ def test_checkpoint_contents(tiny_cfg):
 def test_resume_continues_exactly(tiny_cfg, tmp_path):
     straight = dict(tiny_cfg, out_dir=str(tmp_path / "a"), max_iters=30, lr_decay_iters=30)
     Trainer(straight).run()
-    split = dict(straight, out_dir=str(tmp_path / "b"), max_iters=20)
-    Trainer(split).run()  # stops at step 20, as if interrupted
+    # stops at step 23, as if interrupted between evaluations (every 10) and logs (every 5)
+    split = dict(straight, out_dir=str(tmp_path / "b"), max_iters=23)
+    Trainer(split).run()
     resumed = Trainer(dict(split, max_iters=30, init_from="resume"))
-    assert resumed.iter_num == 20
+    assert resumed.iter_num == 23
     resumed.run()
     a = load_checkpoint(tmp_path / "a" / "ckpt.pt")
     b = load_checkpoint(tmp_path / "b" / "ckpt.pt")
