@@ -416,8 +416,9 @@ class Trainer:
             val = f"{losses['val']:.4f}" if losses else "not evaluated"
             print(f"done: {self.iter_num} steps in {time.time() - self.t_start:.1f}s; final val "
                   f"loss {val}; checkpoint {self.out_dir / 'ckpt.pt'}")
-        if self.world_size > 1:
-            from torch.distributed import destroy_process_group
+        if self.world_size > 1:  # all together: a rank that tears down early can hang the rest
+            from torch.distributed import barrier, destroy_process_group
+            barrier()
             destroy_process_group()
         return losses
 

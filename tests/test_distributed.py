@@ -1,6 +1,8 @@
 """Several processes under torchrun (gloo, CPU): DDP and FSDP follow the 1-process run of the
 same global batch; FSDP checkpoints resume; activation checkpointing changes no number."""
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -19,10 +21,16 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def train(out, data_dir, *args, launcher=(sys.executable,)):
-    r = subprocess.run([*launcher, "train.py", *COMMON, f"--data_dir={data_dir}",
-                        f"--out_dir={out}", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # its own session, so a hung run's workers are killed with torchrun, not left behind
+    proc = subprocess.Popen([*launcher, "train.py", *COMMON, f"--data_dir={data_dir}",
+                             f"--out_dir={out}", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-2000:]
     return [m for m in read_metrics(out) if "val_loss" in m]
 
 
