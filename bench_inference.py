@@ -131,14 +131,16 @@ def worker(job):
                       "threads": torch.get_num_threads()}))
 
 
-@torch.no_grad()
-def val_losses(ckpt, models, n_batches, batch_size=8):
-    """Mean loss of each model over the same n_batches windows of the checkpoint's val.bin."""
+def val_losses(ckpt, models, n_batches):
+    """Each model's val loss as training measures it (train.estimate_loss, the run's batch size
+    and seed): the same n_batches batches of the checkpoint's val.bin for every model."""
+    from contextlib import nullcontext
+
     from data.loader import Data
-    data = Data(dict(ckpt["config"], batch_size=batch_size), "cpu", seed=0)
-    gen = torch.Generator().manual_seed(0)
-    batches = [data.batch("val", gen) for _ in range(n_batches)]
-    return {name: sum(m(x, y)[1].item() for x, y in batches) / n_batches
+    from train import estimate_loss
+    cfg = dict(ckpt["config"], eval_iters=n_batches)
+    data = Data(cfg, "cpu", cfg["seed"])
+    return {name: estimate_loss(m, data, cfg, nullcontext(), splits=("val",))["val"]
             for name, m in models.items()}
 
 
@@ -186,7 +188,8 @@ def bench(cfg):
               f"{r['rss_peak']:7.1f} MB ({r['rss_before']:.0f} before loading)   prefill "
               f"{p:9.1f} tok/s   decode {d:8.1f} tok/s")
     for name, loss in losses.items():
-        print(f"  val loss, {cfg['val_batches']} batches of 8: {name:16s} {loss:.4f}")
+        print(f"  val loss, {cfg['val_batches']} batches of {ckpt['config']['batch_size']}: "
+              f"{name:16s} {loss:.4f}")
     f, i = results["float"], results["packed"]
     print(f"  integer / float: prefill {i['prefill_tps'] / f['prefill_tps']:.2f}x, decode "
           f"{i['decode_tps'] / f['decode_tps']:.2f}x")

@@ -174,12 +174,12 @@ def get_weight_decay(it, cfg):
 
 
 @torch.no_grad()
-def estimate_loss(model, data, cfg, ctx, stop=lambda: False):
+def estimate_loss(model, data, cfg, ctx, stop=lambda: False, splits=("train", "val")):
     """Mean loss over eval_iters batches per split; the same batches at every evaluation.
     Returns None, unfinished, as soon as stop() is true (a signal should not wait for it)."""
     out = {}
     model.eval()
-    for split in ("train", "val"):
+    for split in splits:
         gen = torch.Generator().manual_seed(cfg["seed"] + 1)
         losses = torch.zeros(cfg["eval_iters"])
         for k in range(cfg["eval_iters"]):
