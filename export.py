@@ -1,19 +1,29 @@
-"""Export a trained checkpoint with its ternary weights packed: 2 bits (or 1.6) per weight.
+"""Export a trained checkpoint: packed for BitGPT, or for transformers and llama.cpp.
 
     python export.py --out_dir=out                        # writes out/model.bitnet
     python export.py --out_dir=out --packing=base3 --to=model.bitnet
     python sample.py --ckpt=out/model.bitnet --start="ROMEO:"
+    python export.py --out_dir=out --format=hf --to=out/hf              # LLaMA models only
+    python export.py --out_dir=out --format=gguf --to=out/model.gguf [--qtype=tq1_0]
 
-The file format is described in bitlinear/packed_file.py and README. Every BitLinear weight is
-stored as packed ternary values plus its scale; the other tensors (embeddings, norms, the head)
-as --float_dtype: fp16 by default (3 more mantissa bits than bf16, and the CPU head runs it
-exactly through fbgemm's fp16 GEMM; export refuses a model with values beyond fp16's range),
-bf16 (float32's range), or fp32 (the training values, a bigger file). The integer model computes
-with exactly the stored values. --embed_int8=True stores the embeddings and the output head as
-int8 with one scale per row instead (half the bytes of fp16, and the head runs as an integer
-matmul), which changes the logits slightly: the model is no longer exactly the trained one.
+--format=packed: the file format is described in bitlinear/packed_file.py and README. Every
+BitLinear weight is stored as packed ternary values plus its scale; the other tensors
+(embeddings, norms, the head) as --float_dtype: fp16 by default (3 more mantissa bits than bf16,
+and the CPU head runs it exactly through fbgemm's fp16 GEMM; export refuses a model with values
+beyond fp16's range), bf16 (float32's range), or fp32 (the training values, a bigger file). The
+integer model computes with exactly the stored values. --embed_int8=True stores the embeddings
+and the output head as int8 with one scale per row instead (half the bytes of fp16, and the head
+runs as an integer matmul), which changes the logits slightly: the model is no longer exactly
+the trained one.
+
+--format=hf and --format=gguf (pip install -r requirements-export.txt): see llama/hf.py and
+llama/gguf.py for which model options map to which transformers class and llama.cpp
+architecture; the others are refused with a message that says why.
 """
 
+import os
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from bitlinear.packed_file import (
@@ -28,38 +38,101 @@ from configurator import ConfigError, run_cli
 DEFAULTS = dict(
     out_dir="out",
     ckpt="",  # the training checkpoint; empty means out_dir/ckpt.pt
-    format="packed",  # the only format for now
+    format="packed",  # 'packed' (.bitnet for sample.py), 'hf' (transformers), 'gguf' (llama.cpp)
     packing="2bit",  # '2bit' (4 weights per byte) or 'base3' (5 weights per byte)
-    to="",  # the output file; empty means out_dir/model.bitnet
-    float_dtype="fp16",  # embeddings, norms, head: 'fp16', 'bf16' or 'fp32'
+    to="",  # the output; empty means out_dir/model.bitnet, out_dir/hf, out_dir/model.gguf
+    float_dtype="",  # embeddings, norms, head: 'fp16', 'bf16' or 'fp32'; empty: the format's
+    # default (packed fp16, hf fp32: transformers then computes exactly as we do, gguf fp16)
     embed_int8=False,  # embeddings and head as int8 rows with a scale each: smaller, not exact
+    qtype="tq2_0",  # gguf ternary blocks: 'tq2_0' (2.06 bits/weight) or 'tq1_0' (1.69)
 )
 
 
-def export(cfg):
-    if cfg["format"] != "packed":
-        raise ConfigError(f"format '{cfg['format']}' is not supported; use --format=packed")
+FORMATS = {"packed": "model.bitnet", "hf": "hf", "gguf": "model.gguf"}
+
+
+def check(cfg):
+    if cfg["format"] not in FORMATS:
+        raise ConfigError(f"format '{cfg['format']}' is not one of {', '.join(FORMATS)}")
     if cfg["packing"] not in ("2bit", "base3"):
         raise ConfigError(f"packing '{cfg['packing']}' is not '2bit' or 'base3'")
-    if cfg["float_dtype"] not in FLOAT_DTYPES:
+    if cfg["float_dtype"] and cfg["float_dtype"] not in FLOAT_DTYPES:
         raise ConfigError(f"float_dtype '{cfg['float_dtype']}' is not one of "
                           f"{', '.join(FLOAT_DTYPES)}")
+    if cfg["qtype"] not in ("tq2_0", "tq1_0"):
+        raise ConfigError(f"qtype '{cfg['qtype']}' is not 'tq2_0' or 'tq1_0'")
+    if cfg["format"] == "hf" and cfg["embed_int8"]:
+        raise ConfigError("--embed_int8 is for --format=packed or gguf; transformers' bitnet "
+                          "models keep float embeddings")
+    if cfg["format"] == "gguf" and cfg["float_dtype"] == "bf16":
+        raise ConfigError("--format=gguf stores embeddings as fp16, fp32, or int8 "
+                          "(--embed_int8=True, Q8_0); not bf16")
+
+
+def export(cfg):
+    check(cfg)
     src = Path(cfg["ckpt"] or Path(cfg["out_dir"]) / "ckpt.pt")
     ckpt = load_checkpoint(src)
-    if not ckpt["model_args"].get("bitlinear", True):
+    fmt, float_dtype = cfg["format"], cfg["float_dtype"]
+    if fmt != "packed" and ckpt["arch"] != "llama":
+        raise ConfigError(f"--format={fmt} exports --arch=llama models; '{src}' is a "
+                          f"'{ckpt['arch']}' model (GPT's learned positions and LayerNorm biases "
+                          f"have no BitNet class there): train with --arch=llama, or use "
+                          f"--format=packed")
+    if fmt == "packed" and not ckpt["model_args"].get("bitlinear", True):
         raise ConfigError(f"'{src}' is a float model (bitlinear=False): nothing to pack")
     model = model_from_checkpoint(ckpt, src)
-    dst = Path(cfg["to"] or Path(cfg["out_dir"]) / "model.bitnet")
+    dst = Path(cfg["to"] or Path(cfg["out_dir"]) / FORMATS[fmt])
+    if fmt == "hf":
+        return export_hf(model, ckpt, dst, float_dtype or "fp32")
+    if fmt == "gguf":
+        return export_gguf(model, ckpt, dst, cfg["qtype"], float_dtype or "fp16",
+                           cfg["embed_int8"])
+    float_dtype = float_dtype or "fp16"
     try:
         header = save_packed(model, dst, ckpt["arch"], ckpt["model_args"], ckpt.get("meta"),
-                             cfg["packing"], cfg["float_dtype"], cfg["embed_int8"])
+                             cfg["packing"], float_dtype, cfg["embed_int8"])
     except PackedFileError as e:
         raise ConfigError(str(e)) from None
     print(f"wrote {dst}: {dst.stat().st_size / 1e6:.2f} MB ({src} is "
           f"{src.stat().st_size / 1e6:.2f} MB with optimizer state); linear layers "
           f"{ternary_bits_per_weight(header):.3f} bits/weight, "
           f"{'embeddings and head int8, ' if cfg['embed_int8'] else ''}other tensors "
-          f"{cfg['float_dtype']}")
+          f"{float_dtype}")
+    return dst
+
+
+def export_hf(model, ckpt, dst, float_dtype):
+    """Write the folder under a temporary name, then swap it in: never half a folder."""
+    from llama.hf import save_hf
+    if dst.exists() and any(dst.iterdir()) and not (dst / "config.json").is_file():
+        raise ConfigError(f"'{dst}' exists and is not an exported model folder; choose another "
+                          f"--to")
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        config = save_hf(model, asdict(model.config), ckpt.get("meta"), tmp, float_dtype)
+        old = dst.with_name(f".{dst.name}.old{os.getpid()}")
+        if dst.exists():
+            dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in dst.iterdir())
+    packed = "ternary projections packed 2 bits/weight, " if "quantization_config" in config else ""
+    print(f"wrote {dst}/: {config['architectures'][0]}, {size / 1e6:.2f} MB, {packed}other "
+          f"tensors {float_dtype}; load it with AutoModelForCausalLM.from_pretrained('{dst}')")
+    return dst
+
+
+def export_gguf(model, ckpt, dst, qtype, float_dtype, embed_int8):
+    from llama.gguf import save_gguf
+    info = save_gguf(model, asdict(model.config), ckpt.get("meta"), dst, qtype, float_dtype,
+                     embed_int8)
+    print(f"wrote {dst}: {dst.stat().st_size / 1e6:.2f} MB, llama.cpp architecture "
+          f"'{info['arch']}', projections {qtype.upper()}, embeddings {info['embed']}")
     return dst
 
 

@@ -54,3 +54,34 @@ def tiny_cfg(data_dir, tmp_path):
                max_iters=20, lr_decay_iters=20, warmup_iters=5, eval_interval=10, eval_iters=2,
                log_interval=5)
     return resolve(cfg)
+
+
+@pytest.fixture(scope="session")
+def bpe_data_dir(corpus, tmp_path_factory):
+    """A data_dir holding shakespeare (GPT-2 BPE, offline tiktoken cache) from the local corpus."""
+    from data.shakespeare.prepare import prepare
+    root = tmp_path_factory.mktemp("bpe_data")
+    prepare(root / "shakespeare", corpus)
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_llama(data_dir, tmp_path_factory):
+    """train_llama(**overrides) -> out_dir of a small LLaMA trained on real text (once per set
+    of overrides). Widths are multiples of 256, so the ternary model also fits GGUF's blocks."""
+    from train import DEFAULTS, Trainer, resolve
+    done = {}
+
+    def run(**over):
+        key = tuple(sorted(over.items()))
+        if key not in done:
+            out = tmp_path_factory.mktemp("llama")
+            cfg = dict(DEFAULTS, arch="llama", out_dir=str(out), data_dir=str(data_dir),
+                       device="cpu", compile=False, n_layer=2, n_head=4, n_kv_head=2,
+                       n_embd=256, ffn_hidden=256, block_size=64, batch_size=8, max_iters=80,
+                       lr_decay_iters=80, warmup_iters=10, eval_interval=80, eval_iters=2,
+                       log_interval=80, learning_rate=2e-3)
+            Trainer(resolve(dict(cfg, **over))).run()
+            done[key] = out
+        return done[key]
+    return run

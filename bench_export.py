@@ -1,0 +1,194 @@
+"""An exported model run where users run models: file sizes, agreement, and speed against BitGPT.
+
+    python bench_export.py --ckpt=out-llama_bitnet_5m/ckpt.pt
+    python bench_export.py --ckpt=out-llama_gguf_124m/ckpt.pt --val_windows=0 \
+        --prompt_tokens=128 --new_tokens=128
+
+From one llama checkpoint it writes what export.py writes (.bitnet, the transformers folder, GGUF
+with TQ2_0 and TQ1_0) and reports:
+  - the size of each;
+  - agreement on val_windows windows of block_size tokens from the checkpoint's val split:
+    transformers against BitGPT's integer path and training model, llama.cpp against the
+    integer path (the max and mean absolute logit error, and how often the argmax agrees);
+  - speed at batch 1, greedy, `threads` threads: llama.cpp's prompt processing (one eval of
+    prompt_tokens random token ids) and decode (new_tokens single-token evals), best of
+    `repeats`, next to BitGPT's integer path on the .bitnet file, timed the same way in its own
+    process by bench_inference.py;
+  - greedy continuations of --start from llama.cpp and from BitGPT.
+A part whose library is not installed (transformers, llama-cpp-python) is skipped, saying so.
+"""
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import bench_inference
+from bitlinear import to_integer
+from checkpoint import load_checkpoint, model_from_checkpoint
+from configurator import ConfigError, run_cli
+from export import main as export_main
+
+DEFAULTS = dict(ckpt="out/ckpt.pt", val_windows=16, prompt_tokens=64, new_tokens=64, repeats=3,
+                threads=2, seed=0, start="ROMEO:", gen_tokens=60)
+
+
+def have(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        print(f"  (skipped: {module} is not installed; pip install -r requirements-export.txt)")
+        return False
+
+
+def val_windows(ckpt, n, block):
+    """n windows of block tokens from the start of the checkpoint's val split."""
+    import pickle
+    folder = Path(ckpt["config"]["data_dir"]) / ckpt["config"]["dataset"]
+    if not (folder / "val.bin").is_file():
+        raise ConfigError(f"no {folder}/val.bin to measure agreement on; prepare the dataset or "
+                          f"pass --val_windows=0")
+    meta = pickle.loads((folder / "meta.pkl").read_bytes())
+    ids = np.fromfile(folder / "val.bin", dtype=meta["dtype"])[:n * block].astype(np.int64)
+    return torch.from_numpy(ids).view(n, block)
+
+
+def agreement(pairs):
+    """pairs of (got, expected) logits -> (max abs error, mean abs error, top-1 agreement)."""
+    errs = [np.abs(g - e) for g, e in pairs]
+    top1 = np.concatenate([g.argmax(-1) == e.argmax(-1) for g, e in pairs])
+    return max(e.max() for e in errs), np.mean([e.mean() for e in errs]), top1.mean()
+
+
+def report(name, stats, n):
+    print(f"  {name:44s} max |err| {stats[0]:.2e}  mean |err| {stats[1]:.2e}  top-1 "
+          f"{100 * stats[2]:.1f}% of {n} positions")
+
+
+@torch.no_grad()
+def hf_agreement(model, folder, windows):
+    from transformers import AutoModelForCausalLM
+    with torch._dynamo.config.patch(disable=True):
+        hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+        return agreement([(hf(w[None]).logits[0].numpy(), model(w[None], targets=w[None])[0][0]
+                           .numpy()) for w in windows])
+
+
+@torch.no_grad()
+def llama_cpp_agreement(integer, path, windows):
+    from llama_cpp import Llama
+    llm = Llama(model_path=str(path), logits_all=True, n_ctx=windows.size(1), verbose=False)
+    pairs = []
+    for w in windows:
+        llm.reset()
+        llm.eval(w.tolist())
+        pairs.append((np.array(llm.scores[:w.numel()]),
+                      integer(w[None], targets=w[None])[0][0].numpy()))
+    llm.close()
+    return agreement(pairs)
+
+
+def llama_cpp_speed(path, prompt, new_tokens, repeats, threads, n_ctx):
+    """(prefill seconds, decode seconds), best of repeats: greedy, logits of the last token."""
+    from llama_cpp import Llama
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    last = lambda: int(np.argmax(np.ctypeslib.as_array(  # noqa: E731
+        llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
+    times = []
+    for _ in range(repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        token = last()
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            llm.eval([token])
+            token = last()
+        times.append((t1 - t0, time.perf_counter() - t1))
+    llm.close()
+    return min(t[0] for t in times), min(t[1] for t in times)
+
+
+def continuations(cfg, model, gguf_path, meta):
+    from sample import Tokenizer
+    tok = Tokenizer(meta)
+    ids = torch.tensor([tok.encode(cfg["start"])])
+    with torch.no_grad():
+        ours = tok.decode(model.generate(ids, cfg["gen_tokens"], temperature=0)[0].tolist())
+    print(f"  BitGPT    {ours!r}")
+    if gguf_path is not None:
+        from llama_cpp import Llama
+        llm = Llama(model_path=str(gguf_path), n_ctx=model.config.block_size, verbose=False)
+        out = llm(cfg["start"], max_tokens=cfg["gen_tokens"], temperature=0)
+        llm.close()
+        print(f"  llama.cpp {cfg['start'] + out['choices'][0]['text']!r}")
+
+
+def bench(cfg):
+    ckpt = load_checkpoint(cfg["ckpt"])
+    model = model_from_checkpoint(ckpt, cfg["ckpt"]).eval()
+    c = model.config
+    print(f"model: {ckpt['arch']}, {model.get_num_params() / 1e6:.2f}M parameters, "
+          f"n_embd {c.n_embd}, ffn_hidden {c.ffn_hidden}, subln {c.subln}, mlp {c.mlp}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        integer = to_integer(model_from_checkpoint(ckpt, cfg["ckpt"]).eval())
+        files = {"bitnet": (tmp / "model.bitnet", []), "hf": (tmp / "hf", []),
+                 "gguf": (tmp / "tq2_0.gguf", ["--qtype=tq2_0"]),
+                 "gguf ": (tmp / "tq1_0.gguf", ["--qtype=tq1_0"])}
+        for fmt, (path, extra) in files.items():
+            fmt = "packed" if fmt == "bitnet" else fmt.strip()
+            export_main([f"--ckpt={cfg['ckpt']}", f"--format={fmt}", f"--to={path}", *extra])
+        print("sizes:")
+        for path, _ in files.values():
+            size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else \
+                path.stat().st_size
+            print(f"  {path.name:12s} {size:>14,} bytes")
+        gguf_path = files["gguf"][0] if have("llama_cpp") else None
+        if cfg["val_windows"] > 0:
+            windows = val_windows(ckpt, cfg["val_windows"], c.block_size)
+            n = windows.numel()
+            print(f"agreement on {n} val tokens ({cfg['val_windows']} windows of {c.block_size}):")
+            if have("transformers"):
+                for name, ours in (("integer path", integer), ("training model", model)):
+                    report(f"transformers vs BitGPT's {name}",
+                           hf_agreement(ours, files["hf"][0], windows), n)
+            for path, _ in list(files.values())[2:] if gguf_path else []:
+                report(f"llama.cpp {path.stem.upper()} vs BitGPT's integer path",
+                       llama_cpp_agreement(integer, path, windows), n)
+        speed(cfg, ckpt, files["bitnet"][0], gguf_path, c.block_size, c.vocab_size)
+        print(f"greedy continuations of {cfg['start']!r}:")
+        continuations(cfg, integer, gguf_path, ckpt.get("meta"))
+
+
+def speed(cfg, ckpt, bitnet_path, gguf_path, block, vocab):
+    if cfg["prompt_tokens"] + cfg["new_tokens"] + 1 > block:
+        raise ConfigError(f"prompt_tokens + new_tokens must be below block_size={block}")
+    g = torch.Generator().manual_seed(cfg["seed"])
+    prompt = torch.randint(0, vocab, (cfg["prompt_tokens"],), generator=g)
+    print(f"speed: batch 1, greedy, {cfg['threads']} threads, prompt {cfg['prompt_tokens']} random "
+          f"tokens, then {cfg['new_tokens']} single-token steps; best of {cfg['repeats']}:")
+    ours = bench_inference.run_path(dict(
+        kind="packed", path=str(bitnet_path), arch=ckpt["arch"], model_args=ckpt["model_args"],
+        prompt=prompt.tolist(), new_tokens=cfg["new_tokens"], repeats=cfg["repeats"],
+        threads=cfg["threads"]))
+    rows = [("BitGPT integer path (.bitnet)", ours["prefill"], ours["decode"])]
+    if gguf_path is not None:
+        rows.append(("llama.cpp TQ2_0 (.gguf)", *llama_cpp_speed(
+            gguf_path, prompt.tolist(), cfg["new_tokens"], cfg["repeats"], cfg["threads"],
+            block)))
+    for name, p, d in rows:
+        print(f"  {name:32s} prompt {cfg['prompt_tokens'] / p:9.1f} tok/s   decode "
+              f"{cfg['new_tokens'] / d:8.1f} tok/s")
+
+
+def main(argv=None):
+    run_cli(DEFAULTS, bench, "bench_export.py", __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Export to HuggingFace transformers (llama/hf.py), checked with transformers itself, offline.
+
+Each exportable variant is trained for a few steps on real text, exported with export.py and
+loaded with AutoModelForCausalLM. transformers' BitLinear computes what BitGPT's integer path
+computes (int8 activations times ternary weights, summed exactly, divided by both scales), and
+on these models its logits are bit-identical to ours (measured: max error 0.0); the test allows
+1e-5, for other builds' float kernels. Greedy continuations must be equal. (Against the training
+model's fake-quant forward the difference is that of the integer path itself: an activation now
+and then rounds the other way; measured on llama_bitnet_5m: max 0.09, top-1 100%.)
+"""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from bitlinear import to_integer
+from checkpoint import load_checkpoint, model_from_checkpoint
+from export import main as export_main
+from llama.hf import ExportError, check_exportable, pack_hf, unpack_hf
+
+safetensors = pytest.importorskip("safetensors.torch", reason="safetensors is not installed: "
+                                  "pip install -r requirements-export.txt (CI installs it)")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed: "
+                                   "pip install -r requirements-export.txt (CI installs it)")
+pytest.importorskip("accelerate", reason="transformers needs accelerate to load bitnet models: "
+                    "pip install -r requirements-export.txt (CI installs it)")
+
+MAX_ERR = 1e-5
+# name: (training overrides, the transformers class that must load it)
+VARIANTS = {
+    "bitnet_relu2": (dict(mlp="relu2", subln=True, tie_embeddings=True), "BitNetForCausalLM"),
+    "bitnet_swiglu": (dict(subln=True, tie_embeddings=True), "BitNetForCausalLM"),
+    "llama_gqa_untied": (dict(), "LlamaForCausalLM"),
+    "llama_bit_norm": (dict(bit_norm=True), "LlamaForCausalLM"),
+    "float_bitnet": (dict(bitlinear=False, subln=True, tie_embeddings=True), "BitNetForCausalLM"),
+}
+
+
+def val_ids(data_dir, n, dataset="shakespeare_char"):
+    """The first n tokens of the validation split: real text the model did not train on."""
+    folder = data_dir / dataset
+    meta = pickle.loads((folder / "meta.pkl").read_bytes())
+    ids = np.fromfile(folder / "val.bin", dtype=meta["dtype"])[:n].astype(np.int64)
+    return torch.from_numpy(ids)[None]
+
+
+def load_hf(folder):
+    from transformers import AutoModelForCausalLM
+    with torch._dynamo.config.patch(disable=True):  # its BitLinear compiles a quantizer: 15 s
+        return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def run_hf(fn, *args, **kwargs):
+    with torch._dynamo.config.patch(disable=True), torch.no_grad():
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_transformers_computes_our_logits(train_llama, data_dir, variant):
+    over, cls = VARIANTS[variant]
+    out = train_llama(**over)
+    export_main([f"--out_dir={out}", "--format=hf"])
+    ours = to_integer(model_from_checkpoint(load_checkpoint(out / "ckpt.pt")).eval())
+    hf = load_hf(out / "hf")
+    assert type(hf).__name__ == cls
+    assert hasattr(hf.config, "quantization_config") == over.get("bitlinear", True)
+    ids = val_ids(data_dir, 64)
+    with torch.no_grad():
+        expected = ours(ids, targets=ids)[0]
+    got = run_hf(hf, ids).logits
+    assert (got - expected).abs().max() <= MAX_ERR
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    prompt = ids[:, :16]
+    with torch.no_grad():
+        ours_text = ours.generate(prompt, 32, temperature=0)
+    hf_text = run_hf(hf.generate, prompt, max_new_tokens=32, do_sample=False)
+    assert torch.equal(hf_text, ours_text)
+
+
+def test_packed_weights_are_the_ternary_weights_bit_for_bit(train_llama):
+    from bitlinear import ternarize
+    out = train_llama(subln=True, tie_embeddings=True)
+    export_main([f"--out_dir={out}", "--format=hf", f"--to={out}/hf_bits"])
+    tensors = safetensors.load_file(out / "hf_bits" / "model.safetensors")
+    state = load_checkpoint(out / "ckpt.pt")["model"]
+    w = state["layers.1.feed_forward.w2.weight"]
+    t, s = ternarize(w)
+    packed = tensors["model.layers.1.mlp.down_proj.weight"]
+    assert packed.dtype == torch.uint8 and packed.shape == (w.size(0) // 4, w.size(1))
+    assert torch.equal(unpack_hf(packed), t)
+    assert tensors["model.layers.1.mlp.down_proj.weight_scale"].item() == s.item()
+    assert "lm_head.weight" not in tensors  # tied: transformers takes embed_tokens
+    assert torch.equal(tensors["model.embed_tokens.weight"], state["tok_embeddings.weight"])
+
+
+def test_packing_matches_transformers_own_packer():
+    from transformers.integrations.bitnet import pack_weights
+    t = torch.randint(-1, 2, (64, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pack_hf(t.to(torch.int8)), pack_weights(t.clone()))
+    assert torch.equal(unpack_hf(pack_hf(t.to(torch.int8))), t.to(torch.int8))
+
+
+def test_char_tokenizer_and_pipeline(train_llama, data_dir):
+    from transformers import AutoTokenizer, pipeline
+    out = train_llama(subln=True, tie_embeddings=True)
+    export_main([f"--out_dir={out}", "--format=hf"])
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    meta = pickle.loads((data_dir / "shakespeare_char" / "meta.pkl").read_bytes())
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    assert tok(text).input_ids == [meta["stoi"][c] for c in text]
+    assert tok.decode(tok(text).input_ids) == text
+    gen = run_hf(pipeline("text-generation", model=load_hf(out / "hf"), tokenizer=tok),
+                 "ROMEO:", max_new_tokens=20, do_sample=False)[0]["generated_text"]
+    ours = model_from_checkpoint(load_checkpoint(out / "ckpt.pt")).eval()
+    with torch.no_grad():
+        ids = ours.generate(torch.tensor([[meta["stoi"][c] for c in "ROMEO:"]]), 20, temperature=0)
+    assert gen == "".join(meta["itos"][i] for i in ids[0].tolist())
+
+
+def test_gpt2_tokenizer_matches_tiktoken(train_llama, bpe_data_dir, corpus):
+    import tiktoken
+    from transformers import AutoTokenizer, pipeline
+    out = train_llama(data_dir=str(bpe_data_dir), dataset="shakespeare", max_iters=10,
+                      lr_decay_iters=10, eval_interval=10, subln=True, tie_embeddings=True)
+    export_main([f"--out_dir={out}", "--format=hf"])
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    text = corpus.read_text()[-3000:]
+    enc = tiktoken.get_encoding("gpt2")
+    assert tok(text).input_ids == enc.encode(text)
+    assert tok.decode(tok(text).input_ids) == text
+    config = json.loads((out / "hf" / "config.json").read_text())
+    assert (config["vocab_size"], config["eos_token_id"]) == (50304, 50256)
+    gen = run_hf(pipeline("text-generation", model=load_hf(out / "hf"), tokenizer=tok),
+                 "ROMEO:", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    ours = model_from_checkpoint(load_checkpoint(out / "ckpt.pt")).eval()
+    with torch.no_grad():
+        ids = ours.generate(torch.tensor([enc.encode("ROMEO:")]), 8, temperature=0)
+    assert gen == enc.decode(ids[0].tolist())
+
+
+def test_unexportable_models_and_options_are_refused(tiny_cfg, tmp_path, capsys):
+    from train import Trainer
+    Trainer(dict(tiny_cfg, max_iters=2)).run()  # a GPT
+    with pytest.raises(SystemExit, match="exports --arch=llama models"):
+        export_main([f"--out_dir={tiny_cfg['out_dir']}", "--format=hf"])
+    with pytest.raises(SystemExit, match="--embed_int8 is for --format=packed or gguf"):
+        export_main([f"--out_dir={tiny_cfg['out_dir']}", "--format=hf", "--embed_int8=True"])
+    with pytest.raises(SystemExit, match="format 'onnx' is not one of"):
+        export_main([f"--out_dir={tiny_cfg['out_dir']}", "--format=onnx"])
+    args = dict(n_embd=64, ffn_hidden=130, n_head=4, n_kv_head=4, bitlinear=True)
+    with pytest.raises(ExportError, match="multiple of 4.*'ffn_hidden': 130"):
+        check_exportable(args)
+    check_exportable(dict(args, bitlinear=False))  # float models have no packing constraint
+
+
+def test_export_never_overwrites_a_folder_it_did_not_write(train_llama, tmp_path):
+    out = train_llama(subln=True, tie_embeddings=True)
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "thesis.txt").write_text("precious")
+    with pytest.raises(SystemExit, match="is not an exported model folder"):
+        export_main([f"--out_dir={out}", "--format=hf", f"--to={keep}"])
+    assert (keep / "thesis.txt").read_text() == "precious"
+    dst = tmp_path / "hf"
+    export_main([f"--out_dir={out}", "--format=hf", f"--to={dst}"])
+    export_main([f"--out_dir={out}", "--format=hf", f"--to={dst}"])  # again: replaced whole
+    assert sorted(p.name for p in dst.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
+    assert not list(tmp_path.glob(".hf*"))
