@@ -103,3 +103,25 @@ def load_checkpoint(path, arch=None, map_location="cpu"):
         raise CheckpointError(f"'{path}' holds a '{ckpt.get('arch')}' model, not '{arch}'; "
                               f"use --arch={ckpt.get('arch')} or another out_dir")
     return ckpt
+
+
+def load_init_weights(path, arch):
+    """(model_args, state dict) for a run that starts from trained weights (train.py
+    --init_from=PATH): a BitGPT checkpoint, or a transformers folder (llama/hf.py import)."""
+    path = Path(path)
+    if not path.is_dir():
+        ckpt = load_checkpoint(path, arch=arch)
+        return ckpt["model_args"], ckpt["model"]
+    if arch != "llama":
+        raise CheckpointError(f"'{path}' is a transformers folder, which holds a LLaMA-"
+                              f"architecture model: add --arch=llama")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"'{path}' is a folder without config.json: not a transformers "
+                              f"model folder")
+    try:
+        from llama.hf import load_hf
+        args, state, _ = load_hf(path)
+    except ImportError as e:
+        raise CheckpointError(f"importing '{path}' needs {e.name}: pip install -r "
+                              f"requirements-export.txt") from None
+    return args, state

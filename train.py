@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, load_init_weights, model_from_checkpoint, save_checkpoint
 from configurator import ConfigError, UserError, list_configs, run_cli
 from data.loader import Data
 from metrics import MetricsLog, peak_flops
@@ -35,7 +35,8 @@ DEFAULTS = dict(
     eval_iters=100,
     eval_only=False,
     always_save_checkpoint=True,  # False: save only when val loss improves
-    init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from="scratch",  # 'scratch', 'resume' (out_dir/ckpt.pt), or the path of a checkpoint
+    # or transformers folder whose weights a new run starts from (fine-tuning)
     # logging
     wandb_log=False,
     wandb_project="bitgpt",
@@ -126,8 +127,9 @@ def resolve(cfg):
                          ("wd_schedule", ("constant", "two_stage")), ("mlp", ("swiglu", "relu2"))):
         if cfg[key] not in choices:
             raise ConfigError(f"{key} '{cfg[key]}' is not one of {', '.join(choices)}")
-    if cfg["init_from"] not in ("scratch", "resume"):
-        raise ConfigError(f"init_from '{cfg['init_from']}' is not 'scratch' or 'resume'")
+    if cfg["init_from"] not in ("scratch", "resume") and not Path(cfg["init_from"]).exists():
+        raise ConfigError(f"init_from '{cfg['init_from']}' is not 'scratch', 'resume', or the "
+                          f"path of a checkpoint or transformers folder")
     for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
                 "eval_iters", "log_interval", "gradient_accumulation_steps"):
         if cfg[key] < 1:
@@ -238,21 +240,26 @@ class Trainer:
         torch.manual_seed(cfg["seed"])  # the same initial weights in every process (FSDP)
         self.out_dir = Path(cfg["out_dir"])
         self.data = Data(cfg, self.device, cfg["seed"], self.rank, self.world_size)
-        ckpt = None
+        ckpt = weights = None
         if cfg["init_from"] == "resume":
             ckpt = load_checkpoint(self.out_dir / "ckpt.pt", arch=cfg["arch"])
             cfg.update(ckpt["model_args"])  # the model's shape comes from the checkpoint
+        elif cfg["init_from"] != "scratch":  # a fine-tuning run: weights, not optimizer state
+            source, weights = load_init_weights(cfg["init_from"], cfg["arch"])
+            cfg.update(source)
         self.args = model_args(cfg["arch"], cfg)
         vocab_size = self.data.meta["vocab_size"] if self.data.meta else 50304
-        if ckpt and ckpt["model_args"]["vocab_size"] != vocab_size:
-            raise ConfigError(f"the checkpoint's vocabulary ({ckpt['model_args']['vocab_size']}) "
-                              f"is not dataset '{cfg['dataset']}''s ({vocab_size}); resume on the "
-                              f"dataset it was trained on")
+        if cfg["init_from"] != "scratch" and cfg["vocab_size"] != vocab_size:
+            raise ConfigError(f"the model's vocabulary ({cfg['vocab_size']}) is not dataset "
+                              f"'{cfg['dataset']}''s ({vocab_size}); train it on data with its "
+                              f"tokenizer")
         self.args["vocab_size"] = vocab_size
         if ckpt:
             self.raw_model = model_from_checkpoint(ckpt, self.out_dir / "ckpt.pt")
         else:
             self.raw_model = build_model(cfg["arch"], self.args)
+        if weights:
+            self.raw_model.load_state_dict(weights)
         self.raw_model.to(self.device)
         distributed.prepare(self.raw_model, cfg)  # FSDP shards it in place, before AdamW sees it
         torch.manual_seed(cfg["seed"] + self.rank)  # but different dropout in each

@@ -169,3 +169,98 @@ def save_hf(model, args, meta, folder, float_dtype="fp32"):
     save_file(hf_state(model, args, dtype), folder / "model.safetensors",
               metadata={"format": "pt"})
     return config
+
+
+# ---- import: a transformers folder -> our model's arguments and weights ----------------------
+
+def _args_from_config(config, folder):
+    """LlamaConfig fields for a transformers config.json, or ExportError naming what differs."""
+    kind = config.get("model_type")
+    if kind not in ("bitnet", "llama"):
+        raise ExportError(f"'{folder}' holds a '{kind}' model; BitGPT imports model_type 'bitnet' "
+                          f"or 'llama'")
+    act = {"relu2": "relu2", "silu": "swiglu"}.get(config.get("hidden_act"))
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    odd = {k: config[k] for k in ("attention_bias", "mlp_bias") if config.get(k)}
+    if act is None or odd or rope.get("rope_type", "default") != "default" or \
+            head_dim * config["num_attention_heads"] != config["hidden_size"]:
+        raise ExportError(f"'{folder}' uses options BitGPT's LLaMA does not have (hidden_act "
+                          f"{config.get('hidden_act')!r}, {odd or 'no biases'}, rope "
+                          f"{rope.get('rope_type', 'default')!r}, head_dim {head_dim})")
+    quant = config.get("quantization_config") or {}
+    return dict(
+        vocab_size=config["vocab_size"], n_embd=config["hidden_size"],
+        ffn_hidden=config["intermediate_size"], n_layer=config["num_hidden_layers"],
+        n_head=config["num_attention_heads"],
+        n_kv_head=config.get("num_key_value_heads") or config["num_attention_heads"],
+        block_size=config["max_position_embeddings"], norm_eps=config["rms_norm_eps"],
+        rope_theta=float(theta), tie_embeddings=config.get("tie_word_embeddings", False),
+        mlp=act, subln=kind == "bitnet", bitlinear=quant.get("quant_method") == "bitnet",
+        bit_norm=bool(quant.get("use_rms_norm", False)))
+
+
+def latent_weight(t, s):
+    """Float weights whose ternarization is exactly (t, s): t / (s * mean|t|), so that
+    mean|W| = 1/s and round(W * s) = t / mean|t|, which clamps back to t."""
+    share = t.float().abs().mean()
+    return t.float() / (s * share) if share > 0 else t.float()
+
+
+def _meta_from_tokenizer(folder):
+    from data.common import char_meta, gpt2_meta
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ExportError(f"'{folder}' has no tokenizer.json; BitGPT needs GPT-2's BPE or a "
+                          f"character vocabulary")
+    model = json.loads(path.read_text())["model"]
+    vocab = model.get("vocab", {})
+    if model.get("type") == "BPE" and not model.get("merges"):
+        return char_meta(sorted(vocab, key=vocab.get))
+    tokens, _ = gpt2_vocab()
+    if model.get("type") != "BPE" or vocab != {t: i for i, t in enumerate(tokens)}:
+        raise ExportError(f"'{folder}''s tokenizer is not GPT-2's BPE or a character table, the "
+                          f"two BitGPT's data/ prepares")
+    return gpt2_meta()
+
+
+def load_hf(folder):
+    """(model_args, float state dict, meta) from a transformers folder of BitNetForCausalLM or
+    LlamaForCausalLM, such as save_hf writes: the start of a fine-tuning run (train.py
+    --init_from=FOLDER). Packed ternary projections become latent weights that ternarize back
+    to the same values and scales, so the imported model computes what the folder does."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    args = _args_from_config(config, folder)
+    quant = config.get("quantization_config") or {}
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    ours = {hf_key(k): k for k in _our_keys(args)}
+    missing = sorted(set(ours) - set(tensors))
+    if missing:
+        raise ExportError(f"'{folder}' lacks {len(missing)} tensors BitGPT needs, e.g. "
+                          f"{missing[0]}")
+    state = {}
+    for name, key in ours.items():
+        w = tensors[name]
+        if w.dtype == torch.uint8:  # packed ternary, with its weight_scale
+            scale = tensors[name + "_scale"].float().reshape(())
+            s = 1 / scale if quant.get("linear_class") == "autobitlinear" else scale
+            w = latent_weight(unpack_hf(w), s)
+        state[key] = w.float()
+    if args["tie_embeddings"]:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return args, state, _meta_from_tokenizer(folder)
+
+
+def _our_keys(args):
+    """The state-dict keys of our model with these args (the tied head's key left out)."""
+    from llama.model import Llama, LlamaConfig
+    with torch.device("meta"):
+        keys = Llama(LlamaConfig(**args)).state_dict().keys()
+    return [k for k in keys if not (k == "output.weight" and args["tie_embeddings"])]

@@ -171,3 +171,46 @@ def test_export_never_overwrites_a_folder_it_did_not_write(train_llama, tmp_path
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
         "tokenizer_config.json"]
     assert not list(tmp_path.glob(".hf*"))
+
+
+def test_import_back_gives_the_same_model_and_fine_tunes(train_llama, data_dir, tiny_cfg):
+    from checkpoint import load_init_weights
+    from models import build_model
+    from train import Trainer
+    out = train_llama(mlp="relu2", subln=True, tie_embeddings=True)
+    export_main([f"--out_dir={out}", "--format=hf", f"--to={out}/hf_import"])
+    args, state = load_init_weights(out / "hf_import", "llama")
+    original = model_from_checkpoint(load_checkpoint(out / "ckpt.pt")).eval()
+    assert all(getattr(original.config, k) == v for k, v in args.items())
+    imported = build_model("llama", args).eval()
+    imported.load_state_dict(state)
+    from bitlinear import ternarize
+    for key in ("layers.0.attention.wk.weight", "layers.1.feed_forward.w2.weight"):
+        (t1, s1), (t2, s2) = ternarize(state[key]), ternarize(original.state_dict()[key])
+        assert torch.equal(t1, t2) and torch.allclose(s1, s2, rtol=1e-6, atol=0)
+    ids = val_ids(data_dir, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(imported(ids, targets=ids)[0], original(ids, targets=ids)[0],
+                                   atol=1e-4, rtol=0)
+    # train.py starts a run from the folder as from the checkpoint: the same val loss at step 0
+    cfg = dict(tiny_cfg, arch="llama", max_iters=0, eval_iters=2)
+    from_hf = Trainer(dict(cfg, init_from=str(out / "hf_import"))).run()["val"]
+    from_ckpt = Trainer(dict(cfg, init_from=str(out / "ckpt.pt"), out_dir=cfg["out_dir"] + "2")
+                        ).run()["val"]
+    assert abs(from_hf - from_ckpt) < 1e-4 and from_hf < 3.0  # trained, not a fresh init (4.2)
+
+
+def test_import_errors_are_one_line(train_llama, bpe_data_dir, tiny_cfg, tmp_path):
+    from train import main as train_main
+    out = train_llama(data_dir=str(bpe_data_dir), dataset="shakespeare", max_iters=10,
+                      lr_decay_iters=10, eval_interval=10, subln=True, tie_embeddings=True)
+    export_main([f"--out_dir={out}", "--format=hf"])
+    with pytest.raises(SystemExit, match=r"vocabulary \(50304\) is not dataset "
+                                         r"'shakespeare_char''s \(65\)"):
+        train_main([f"--data_dir={tiny_cfg['data_dir']}", "--arch=llama", "--device=cpu",
+                    f"--init_from={out / 'hf'}", f"--out_dir={tmp_path / 'o'}"])
+    with pytest.raises(SystemExit, match="add --arch=llama"):
+        train_main([f"--data_dir={bpe_data_dir}", "--dataset=shakespeare", "--device=cpu",
+                    f"--init_from={out / 'hf'}", f"--out_dir={tmp_path / 'o'}"])
+    with pytest.raises(SystemExit, match="not 'scratch', 'resume', or the path"):
+        train_main([f"--init_from={tmp_path / 'nothing'}"])
