@@ -29,8 +29,9 @@ import torch
 
 from configurator import run_cli
 from metrics import peak_flops
-from train import DEFAULTS as TRAIN_DEFAULTS
-from train import Trainer, resolve
+from settings import DEFAULTS as TRAIN_DEFAULTS
+from settings import resolve
+from train import Trainer
 
 DEFAULTS = dict(TRAIN_DEFAULTS, compare=False, bench_steps=50, bench_warmup=10, bench_rounds=4,
                 peak_flops=0.0,  # FLOPS of the device; 0 looks it up in metrics.PEAK_FLOPS

@@ -1,7 +1,7 @@
 """An exported model run where users run models: file sizes, agreement, and speed against BitGPT.
 
     python bench_export.py --ckpt=out-llama_bitnet_5m/ckpt.pt
-    python bench_export.py --ckpt=out-llama_gguf_124m/ckpt.pt --val_windows=0 \
+    python bench_export.py --ckpt=out-124m-bitnet/ckpt.pt --val_windows=0 \
         --prompt_tokens=128 --new_tokens=128
 
 From one llama checkpoint it writes what export.py writes (.bitnet, the transformers folder, GGUF
@@ -63,7 +63,8 @@ def agreement(pairs):
     return max(e.max() for e in errs), np.mean([e.mean() for e in errs]), top1.mean()
 
 
-def report(name, stats, n):
+def report(results, name, stats, n):
+    results[name] = stats
     print(f"  {name:44s} max |err| {stats[0]:.2e}  mean |err| {stats[1]:.2e}  top-1 "
           f"{100 * stats[2]:.1f}% of {n} positions")
 
@@ -114,21 +115,26 @@ def llama_cpp_speed(path, prompt, new_tokens, repeats, threads, n_ctx):
 
 
 def continuations(cfg, model, gguf_path, meta):
+    """{'BitGPT': text, 'llama.cpp': text}: greedy continuations of --start."""
     from sample import Tokenizer
     tok = Tokenizer(meta)
     ids = torch.tensor([tok.encode(cfg["start"])])
     with torch.no_grad():
         ours = tok.decode(model.generate(ids, cfg["gen_tokens"], temperature=0)[0].tolist())
     print(f"  BitGPT    {ours!r}")
+    texts = {"BitGPT": ours}
     if gguf_path is not None:
         from llama_cpp import Llama
         llm = Llama(model_path=str(gguf_path), n_ctx=model.config.block_size, verbose=False)
         out = llm(cfg["start"], max_tokens=cfg["gen_tokens"], temperature=0)
         llm.close()
-        print(f"  llama.cpp {cfg['start'] + out['choices'][0]['text']!r}")
+        texts["llama.cpp"] = cfg["start"] + out["choices"][0]["text"]
+        print(f"  llama.cpp {texts['llama.cpp']!r}")
+    return texts
 
 
 def bench(cfg):
+    """Print the report; return it as {'sizes', 'agreement', 'speed', 'text'}."""
     ckpt = load_checkpoint(cfg["ckpt"])
     model = model_from_checkpoint(ckpt, cfg["ckpt"]).eval()
     c = model.config
@@ -137,35 +143,40 @@ def bench(cfg):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         integer = to_integer(model_from_checkpoint(ckpt, cfg["ckpt"]).eval())
-        files = {"bitnet": (tmp / "model.bitnet", []), "hf": (tmp / "hf", []),
-                 "gguf": (tmp / "tq2_0.gguf", ["--qtype=tq2_0"]),
-                 "gguf ": (tmp / "tq1_0.gguf", ["--qtype=tq1_0"])}
-        for fmt, (path, extra) in files.items():
-            fmt = "packed" if fmt == "bitnet" else fmt.strip()
-            export_main([f"--ckpt={cfg['ckpt']}", f"--format={fmt}", f"--to={path}", *extra])
+        files = {"model.bitnet": ["--format=packed"], "hf": ["--format=hf"],
+                 "tq2_0.gguf": ["--format=gguf", "--qtype=tq2_0"],
+                 "tq1_0.gguf": ["--format=gguf", "--qtype=tq1_0"]}
         print("sizes:")
-        for path, _ in files.values():
+        results = dict(sizes={}, agreement={})
+        for name, args in files.items():
+            path = tmp / name
+            export_main([f"--ckpt={cfg['ckpt']}", f"--to={path}", *args])
             size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else \
                 path.stat().st_size
-            print(f"  {path.name:12s} {size:>14,} bytes")
-        gguf_path = files["gguf"][0] if have("llama_cpp") else None
+            results["sizes"][name] = size
+            print(f"  {name:12s} {size:>14,} bytes")
+        ggufs = [tmp / "tq2_0.gguf", tmp / "tq1_0.gguf"] if have("llama_cpp") else []
+        gguf_path = ggufs[0] if ggufs else None
         if cfg["val_windows"] > 0:
             windows = val_windows(ckpt, cfg["val_windows"], c.block_size)
             n = windows.numel()
             print(f"agreement on {n} val tokens ({cfg['val_windows']} windows of {c.block_size}):")
             if have("transformers"):
                 for name, ours in (("integer path", integer), ("training model", model)):
-                    report(f"transformers vs BitGPT's {name}",
-                           hf_agreement(ours, files["hf"][0], windows), n)
-            for path, _ in list(files.values())[2:] if gguf_path else []:
-                report(f"llama.cpp {path.stem.upper()} vs BitGPT's integer path",
-                       llama_cpp_agreement(integer, path, windows), n)
-        speed(cfg, ckpt, files["bitnet"][0], gguf_path, c.block_size, c.vocab_size)
+                    report(results["agreement"], f"transformers vs BitGPT's {name}",
+                           hf_agreement(ours, tmp / "hf", windows), n)
+            for path in ggufs:
+                name = f"llama.cpp {path.stem.upper()} vs BitGPT's integer path"
+                report(results["agreement"], name, llama_cpp_agreement(integer, path, windows), n)
+        results["speed"] = speed(cfg, ckpt, tmp / "model.bitnet", gguf_path, c.block_size,
+                                 c.vocab_size)
         print(f"greedy continuations of {cfg['start']!r}:")
-        continuations(cfg, integer, gguf_path, ckpt.get("meta"))
+        results["text"] = continuations(cfg, integer, gguf_path, ckpt.get("meta"))
+    return results
 
 
 def speed(cfg, ckpt, bitnet_path, gguf_path, block, vocab):
+    """{path: (prompt tok/s, decode tok/s)} for BitGPT's integer path and llama.cpp."""
     if cfg["prompt_tokens"] + cfg["new_tokens"] + 1 > block:
         raise ConfigError(f"prompt_tokens + new_tokens must be below block_size={block}")
     g = torch.Generator().manual_seed(cfg["seed"])
@@ -181,13 +192,14 @@ def speed(cfg, ckpt, bitnet_path, gguf_path, block, vocab):
         rows.append(("llama.cpp TQ2_0 (.gguf)", *llama_cpp_speed(
             gguf_path, prompt.tolist(), cfg["new_tokens"], cfg["repeats"], cfg["threads"],
             block)))
-    for name, p, d in rows:
-        print(f"  {name:32s} prompt {cfg['prompt_tokens'] / p:9.1f} tok/s   decode "
-              f"{cfg['new_tokens'] / d:8.1f} tok/s")
+    rates = {name: (cfg["prompt_tokens"] / p, cfg["new_tokens"] / d) for name, p, d in rows}
+    for name, (p, d) in rates.items():
+        print(f"  {name:32s} prompt {p:9.1f} tok/s   decode {d:8.1f} tok/s")
+    return rates
 
 
 def main(argv=None):
-    run_cli(DEFAULTS, bench, "bench_export.py", __doc__, argv)
+    return run_cli(DEFAULTS, bench, "bench_export.py", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def load_model(path, device):
 def sample(cfg):
     """Return the list of generated texts (prompt included)."""
     check(cfg)
-    from train import resolve_device
+    from settings import resolve_device
     device, dtype = resolve_device(cfg["device"], cfg["dtype"])
     model, tok = load_model(cfg["ckpt"] or Path(cfg["out_dir"]) / "ckpt.pt", device)
     if cfg["compile"]:

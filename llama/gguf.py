@@ -66,7 +66,7 @@ def check_exportable(args):
         odd = {k: v for k, v in rows.items() if v % QK}
         if odd:
             raise ExportError(f"TQ1_0/TQ2_0 pack rows in blocks of {QK} weights; {odd} is not a "
-                              f"multiple of {QK} (configs/llama_gguf_*.py are shaped for it)")
+                              f"multiple of {QK} (configs/llama_bitnet_5m.py is shaped for it)")
 
 
 def gguf_name(key):

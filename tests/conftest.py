@@ -48,7 +48,7 @@ def data_dir(corpus, tmp_path_factory):
 @pytest.fixture
 def tiny_cfg(data_dir, tmp_path):
     """A resolved training config for a ~30k-parameter model that trains in seconds on CPU."""
-    from train import DEFAULTS, resolve
+    from settings import DEFAULTS, resolve
     cfg = dict(DEFAULTS, out_dir=str(tmp_path / "out"), data_dir=str(data_dir), device="cpu",
                compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
                max_iters=20, lr_decay_iters=20, warmup_iters=5, eval_interval=10, eval_iters=2,
@@ -69,7 +69,8 @@ def bpe_data_dir(corpus, tmp_path_factory):
 def train_llama(data_dir, tmp_path_factory):
     """train_llama(**overrides) -> out_dir of a small LLaMA trained on real text (once per set
     of overrides). Widths are multiples of 256, so the ternary model also fits GGUF's blocks."""
-    from train import DEFAULTS, Trainer, resolve
+    from settings import DEFAULTS, resolve
+    from train import Trainer
     done = {}
 
     def run(**over):

@@ -8,8 +8,9 @@ import torch
 
 from configurator import ConfigError, config_facts, parse_args
 from models import build_model, model_args, training_memory
+from settings import DEFAULTS, resolve
 from tests.conftest import ROOT
-from train import DEFAULTS, get_lr, get_weight_decay, resolve
+from train import get_lr, get_weight_decay
 
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 

@@ -38,7 +38,7 @@ def test_shakespeare_gpt2(corpus, tmp_path):
 
 def test_training_prepares_shakespeare_char_when_missing(corpus, tmp_path, monkeypatch):
     from data.loader import Data
-    from train import DEFAULTS, resolve
+    from settings import DEFAULTS, resolve
     monkeypatch.setenv("TINYSHAKESPEARE_PATH", str(corpus))
     cfg = resolve(dict(DEFAULTS, device="cpu", data_dir=str(tmp_path)))
     data = Data(cfg, "cpu", seed=0)
@@ -51,11 +51,11 @@ def test_training_prepares_shakespeare_char_when_missing(corpus, tmp_path, monke
 
 def test_unprepared_dataset_names_its_prepare_script(tmp_path, monkeypatch):
     import data.loader
-    import train
+    import settings
     from configurator import ConfigError
     monkeypatch.setattr(data.loader, "AUTO_PREPARE", ())
-    cfg = train.resolve(dict(train.DEFAULTS, device="cpu", data_dir=str(tmp_path),
-                             dataset="shakespeare"))
+    cfg = settings.resolve(dict(settings.DEFAULTS, device="cpu", data_dir=str(tmp_path),
+                                dataset="shakespeare"))
     with pytest.raises(ConfigError, match=r"not prepared .*run: python data/shakespeare/prepare"):
         data.loader.Data(cfg, "cpu", seed=0)
 
@@ -64,7 +64,7 @@ def test_bytes_per_token_gives_bits_per_byte(corpus, tmp_path, monkeypatch):
     pytest.importorskip("tiktoken")
     from data.loader import Data
     from data.shakespeare.prepare import prepare
-    from train import DEFAULTS, resolve
+    from settings import DEFAULTS, resolve
     prepare(tmp_path / "shakespeare", corpus)
     text = corpus.read_text(encoding="utf-8")
     val_text = text[int(len(text) * 0.9):]

@@ -174,3 +174,21 @@ def test_unexportable_models_are_refused_in_one_line(train_llama):
         export_main([f"--out_dir={out}", "--format=gguf", "--qtype=q4_0"])
     with pytest.raises(SystemExit, match="not bf16"):
         export_main([f"--out_dir={out}", "--format=gguf", "--float_dtype=bf16"])
+
+
+def test_bench_export_measures_every_file_and_path(train_llama, capsys):
+    from bench_export import main as bench_main
+    llama_cpp()
+    out = train_llama(**BITNET)
+    r = bench_main([f"--ckpt={out / 'ckpt.pt'}", "--val_windows=2", "--prompt_tokens=8",
+                    "--new_tokens=4", "--repeats=1", "--gen_tokens=8"])
+    sizes = r["sizes"]
+    assert set(sizes) == {"model.bitnet", "hf", "tq2_0.gguf", "tq1_0.gguf"}
+    assert sizes["tq1_0.gguf"] < sizes["tq2_0.gguf"]
+    hf_err, _, hf_top1 = r["agreement"]["transformers vs BitGPT's integer path"]
+    assert hf_err <= 1e-5 and hf_top1 == 1.0
+    tq2, tq1 = (r["agreement"][f"llama.cpp {q} vs BitGPT's integer path"] for q in ("TQ2_0",
+                                                                                  "TQ1_0"))
+    assert tq1 == tq2 and tq2[2] >= TOP1 and tq2[0] < MAX_ERR
+    assert all(p > 0 and d > 0 for p, d in r["speed"].values()) and len(r["speed"]) == 2
+    assert [len(t) for t in r["text"].values()] == [len("ROMEO:") + 8] * 2

@@ -36,8 +36,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def trained(request, data_dir, tmp_path_factory):
     """(out_dir, model): a tiny model of each variant trained 30 steps on Tiny Shakespeare."""
-    from train import DEFAULTS as TRAIN
-    from train import resolve
+    from settings import DEFAULTS as TRAIN
+    from settings import resolve
     out = tmp_path_factory.mktemp(request.param)
     cfg = resolve({**TRAIN, **dict(out_dir=str(out), data_dir=str(data_dir), device="cpu",
                                    compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32,
@@ -244,8 +244,8 @@ def test_bench_inference_runs_the_same_prompt_in_both_paths(trained, capsys):
 
 
 def test_float_models_are_not_exported(data_dir, tmp_path):
-    from train import DEFAULTS as TRAIN
-    from train import resolve
+    from settings import DEFAULTS as TRAIN
+    from settings import resolve
     cfg = resolve(dict(TRAIN, out_dir=str(tmp_path), data_dir=str(data_dir), device="cpu",
                        n_layer=1, n_head=1, n_embd=8, block_size=8, max_iters=1, eval_iters=1,
                        bitlinear=False))

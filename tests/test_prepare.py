@@ -178,7 +178,7 @@ def test_text_with_more_than_65536_characters_is_uint32(tmp_path):
     import torch
 
     from data.loader import Data
-    from train import DEFAULTS, resolve
+    from settings import DEFAULTS, resolve
     # every code point from U+0100 on (no surrogates), then the last ones (ids > 65535) again
     chars = [chr(c) for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c < 0xE000]
     text = "".join(chars) + "".join(chars[65536:]) * 40

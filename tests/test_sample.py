@@ -11,7 +11,7 @@ from train import Trainer
 
 @pytest.fixture(scope="module")
 def ckpt_dir(data_dir, tmp_path_factory):
-    from train import DEFAULTS, resolve
+    from settings import DEFAULTS, resolve
     out = tmp_path_factory.mktemp("sample_out")
     cfg = resolve(dict(DEFAULTS, out_dir=str(out), data_dir=str(data_dir), device="cpu",
                        n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=10,

@@ -112,6 +112,29 @@ def test_resume_on_a_dataset_with_another_vocabulary(tiny_cfg, tmp_path):
         Trainer(dict(tiny_cfg, data_dir=str(tmp_path / "d"), dataset="other", init_from="resume"))
 
 
+def test_fine_tuning_starts_a_new_run_from_trained_weights(tiny_cfg, tmp_path):
+    from configurator import ConfigError
+    from settings import resolve
+    Trainer(dict(tiny_cfg, max_iters=10)).run()
+    source = Path(tiny_cfg["out_dir"]) / "ckpt.pt"
+    trained = load_checkpoint(source)
+    tune = dict(tiny_cfg, out_dir=str(tmp_path / "tuned"), init_from=str(source), n_embd=64,
+                max_iters=12, lr_decay_iters=12)
+    trainer = Trainer(resolve(dict(tune)))
+    assert trainer.iter_num == 0 and trainer.args["n_embd"] == 32  # the shape is the source's
+    for k, v in trained["model"].items():
+        assert torch.equal(trainer.raw_model.state_dict()[k], v), k
+    assert all(not s for s in trainer.optimizer.state.values())  # a fresh AdamW
+    trainer.run()
+    tuned = load_checkpoint(tmp_path / "tuned" / "ckpt.pt")
+    assert tuned["iter_num"] == 12 and tuned["val_loss"] < trained["val_loss"]
+    assert load_checkpoint(source)["iter_num"] == 10  # the source is left as it was
+    with pytest.raises(ConfigError, match="this run's own checkpoint.*--init_from=resume"):
+        resolve(dict(tiny_cfg, init_from=str(source)))
+    with pytest.raises(CheckpointError, match="holds a 'gpt' model, not 'llama'"):
+        Trainer(resolve(dict(tune, arch="llama", n_embd=32)))
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_signal_saves_and_exits_cleanly(tiny_cfg, sig):
     import signal
