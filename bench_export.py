@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import bench_inference
-from bitlinear import to_integer
+from bitlinear import inference, to_integer
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import ConfigError, run_cli
 from export import main as export_main
@@ -182,7 +182,8 @@ def speed(cfg, ckpt, bitnet_path, gguf_path, block, vocab):
     g = torch.Generator().manual_seed(cfg["seed"])
     prompt = torch.randint(0, vocab, (cfg["prompt_tokens"],), generator=g)
     print(f"speed: batch 1, greedy, {cfg['threads']} threads, prompt {cfg['prompt_tokens']} random "
-          f"tokens, then {cfg['new_tokens']} single-token steps; best of {cfg['repeats']}:")
+          f"tokens, then {cfg['new_tokens']} single-token steps; best of {cfg['repeats']}; "
+          f"BitGPT's integer sums by {inference.CPU_KERNEL}:")
     ours = bench_inference.run_path(dict(
         kind="packed", path=str(bitnet_path), arch=ckpt["arch"], model_args=ckpt["model_args"],
         prompt=prompt.tolist(), new_tokens=cfg["new_tokens"], repeats=cfg["repeats"],

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bitlinear import BitLinear
+from bitlinear import BitLinear, inference
 from bitlinear.inference import shell_model
 from bitlinear.packed_file import save_packed, ternary_bits_per_weight
 from checkpoint import load_checkpoint, model_from_checkpoint, model_from_packed
@@ -36,7 +36,8 @@ DEFAULTS = dict(ckpt="out/ckpt.pt", prompt_tokens=32, new_tokens=32, repeats=3, 
                 threads=0,  # 0: torch's default
                 float_dtype="fp16",  # the .bitnet file's floats, as export.py --float_dtype
                 embed_int8=False,  # as export.py --embed_int8
-                val_batches=0)  # > 0: also the val loss of the training model and the .bitnet
+                val_batches=0,  # > 0: also the val loss of the training model and the .bitnet
+                kernel="")  # integer sums on CPU: 'int_mm' or 'fbgemm'; empty: this machine's pick
 
 ROOT = Path(__file__).resolve().parent
 
@@ -117,6 +118,8 @@ def worker(job):
     """Run in a fresh process (see run_path): load one model, time it, print a JSON line."""
     if job["threads"]:
         torch.set_num_threads(job["threads"])
+    if job.get("kernel"):
+        inference.CPU_KERNEL = job["kernel"]
     before = peak_rss_mb()
     if job["kind"] == "float":
         model = load_float(job["path"], job["arch"], job["model_args"])
@@ -158,10 +161,14 @@ def bench(cfg):
     block = trained.config.block_size
     if cfg["prompt_tokens"] + cfg["new_tokens"] > block:
         raise ConfigError(f"prompt_tokens + new_tokens must fit block_size={block}")
+    if cfg["kernel"] not in ("", "int_mm", "fbgemm"):
+        raise ConfigError(f"kernel '{cfg['kernel']}' is not 'int_mm' or 'fbgemm'")
+    kernel = cfg["kernel"] or inference.CPU_KERNEL
     g = torch.Generator().manual_seed(cfg["seed"])
     prompt = torch.randint(0, trained.config.vocab_size, (cfg["prompt_tokens"],), generator=g)
     job = dict(arch=ckpt["arch"], model_args=ckpt["model_args"], prompt=prompt.tolist(),
-               new_tokens=cfg["new_tokens"], repeats=cfg["repeats"], threads=cfg["threads"])
+               new_tokens=cfg["new_tokens"], repeats=cfg["repeats"], threads=cfg["threads"],
+               kernel=kernel)
     names = {"float": "float32 (nn.Linear)", "packed": "packed int8 x ternary"}
     with tempfile.TemporaryDirectory() as tmp:
         files = write_files(trained, ckpt, tmp, cfg["float_dtype"], cfg["embed_int8"])
@@ -177,7 +184,7 @@ def bench(cfg):
     print(f"model: {ckpt['arch']}, {n_params / 1e6:.2f}M parameters; {threads} threads; "
           f"batch 1, greedy, KV cache; prompt {cfg['prompt_tokens']} random tokens (prefill: one "
           f"forward), then {cfg['new_tokens']} single-token forwards (decode); best of "
-          f"{cfg['repeats']}; each model in its own process")
+          f"{cfg['repeats']}; each model in its own process; integer sums by {kernel}")
     for name, size in sizes.items():
         print(f"  file {name:34s} {size:>14,} bytes")
     print(f"  linear layers: {bits['2bit']:.3f} bits/weight (2bit), {bits['base3']:.3f} (base3)")

@@ -131,6 +131,7 @@ class Trainer:
             cfg.update(ckpt["model_args"])  # the model's shape comes from the checkpoint
         elif cfg["init_from"] != "scratch":  # a fine-tuning run: weights, not optimizer state
             source, weights = load_init_weights(cfg["init_from"], cfg["arch"])
+            source.pop("dropout", None)  # a training choice, not part of the weights
             cfg.update(source)
         self.args = model_args(cfg["arch"], cfg)
         vocab_size = self.data.meta["vocab_size"] if self.data.meta else 50304

@@ -38,6 +38,47 @@ def int_matmul(x_i: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (x_i.float() @ weight.float().t()).to(torch.int32)
 
 
+def _cpu_kernel():
+    """torch._int_mm is fast on CPUs with VNNI (oneDNN's int8 GEMM). On an AVX2-only AMD EPYC it
+    ran 5x slower than fbgemm's fp16 GEMM at 1 x 768 @ 768 x 2048 and 30x at 128 x 768
+    (README, Deployment), so there the integer sums go through fbgemm instead."""
+    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: True)()
+    return "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines and not vnni \
+        else "int_mm"
+
+
+CPU_KERNEL = _cpu_kernel()  # 'int_mm' or 'fbgemm': how IntegerGemm sums on this CPU
+
+
+class IntegerGemm:
+    """X_i W^T for int8 activations X_i and integer weights W with |W| <= w_max, exact, by the
+    kernel that is fast here: int_matmul, or (CPU_KERNEL 'fbgemm') fbgemm's fp16-weight GEMM.
+    That one holds W's integers exactly in fp16, widens them to fp32 and sums in fp32, which is
+    exact while every sum stays below 2**24: 127 * w_max * K < 2**24, so any K below 132k for
+    ternary weights, below 1040 for int8 ones (larger K takes int_matmul). It returns the same
+    integers as float32; the packed copy (2 bytes a weight) is made on first use and again when
+    the weight changes."""
+
+    def __init__(self, w_max: int):
+        self.w_max, self.packed, self.key = w_max, None, None
+
+    def fbgemm(self, x_i, weight):
+        return (CPU_KERNEL == "fbgemm" and x_i.device.type == "cpu"
+                and 127 * self.w_max * weight.size(1) < 2**24)
+
+    def __call__(self, x_i: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if not self.fbgemm(x_i, weight):
+            self.packed = self.key = None
+            return int_matmul(x_i, weight)
+        version = 0 if weight.is_inference() else weight._version  # bumped by in-place writes
+        if self.key is None or self.key[0] is not weight or self.key[1] != version:
+            self.packed, self.key = fbgemm_pack(weight), (weight, version)
+        return fbgemm_linear(x_i.float(), self.packed)
+
+    def run_bytes(self):
+        return 0 if self.key is None else 2 * self.key[0].numel()
+
+
 class SharedQuant:
     """Per-token int8 quantization of an input, computed once for all the layers that read it.
 
@@ -70,6 +111,7 @@ class TernaryLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.norm = norm  # the BitLinear's inner RMSNorm, if it had one
         self.shared = None  # a SharedQuant when siblings read the same input (see to_integer)
+        self.gemm = IntegerGemm(w_max=1)
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear, quantize=True) -> "TernaryLinear":
@@ -91,10 +133,14 @@ class TernaryLinear(nn.Module):
             x_i, s_x = self.shared(x, self.eps)
         else:
             x_i, s_x = activation_quant_int(x.reshape(-1, x.size(-1)), self.eps)
-        # int32 / float32 is float32: the conversion and the rescale in one op
-        y = torch.div(int_matmul(x_i, self.weight), s_x * self.weight_scale)
+        # integer sums / float32 is float32: the conversion and the rescale in one op
+        y = torch.div(self.gemm(x_i, self.weight), s_x * self.weight_scale)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def run_bytes(self):
+        """Bytes of the copy the GEMM runs from (fbgemm's packed fp16), beside weight."""
+        return self.gemm.run_bytes()
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
@@ -139,6 +185,20 @@ def fbgemm_fp16_exact(weight: torch.Tensor) -> bool:
 PACK_BYTES = 48 << 20
 
 
+def fbgemm_pack(weight: torch.Tensor) -> list:
+    """fbgemm's packed fp16 form of weight (values exact in fp16), in row blocks: packing a
+    whole GPT-2 head at once peaks at 250 MB of temporaries."""
+    rows = max(1, PACK_BYTES // (4 * weight.size(1)))
+    return [torch.ops.quantized.linear_prepack_fp16(w.float(), None) for w in weight.split(rows)]
+
+
+def fbgemm_linear(x: torch.Tensor, packed: list) -> torch.Tensor:
+    """(M, K) float32 @ the packed (N, K) weight^T -> (M, N), summed in float32."""
+    if len(packed) == 1:
+        return torch.ops.quantized.linear_dynamic_fp16(x, packed[0])
+    return torch.cat([torch.ops.quantized.linear_dynamic_fp16(x, p) for p in packed], dim=1)
+
+
 class Linear16(nn.Module):
     """An output head whose weight is a 16-bit tensor (fp16 or bf16), computed in float32.
 
@@ -159,13 +219,8 @@ class Linear16(nn.Module):
         self._run = None  # (the weight it was made for, packed fbgemm weight or float32 weight)
 
     def _prepare(self):
-        """fbgemm's packed fp16 weights in row blocks (packing a whole GPT-2 head at once peaks
-        at 250 MB of temporaries), or a float32 copy."""
-        if fbgemm_fp16_exact(self.weight):
-            rows = max(1, PACK_BYTES // (4 * self.in_features))
-            return [torch.ops.quantized.linear_prepack_fp16(w.half(), None)
-                    for w in self.weight.split(rows)]
-        return self.weight.float()
+        """fbgemm's packed fp16 weights, or a float32 copy."""
+        return fbgemm_pack(self.weight) if fbgemm_fp16_exact(self.weight) else self.weight.float()
 
     def forward(self, x):
         if self._run is None or self._run[0] is not self.weight:  # made again after load/assign
@@ -174,8 +229,7 @@ class Linear16(nn.Module):
         if isinstance(run, torch.Tensor):
             y = F.linear(x.float(), run)
         else:
-            x2 = x.float().reshape(-1, x.size(-1))
-            y = torch.cat([torch.ops.quantized.linear_dynamic_fp16(x2, p) for p in run], dim=1)
+            y = fbgemm_linear(x.float().reshape(-1, x.size(-1)), run)
             y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -228,12 +282,16 @@ class Linear8(nn.Module):
         self.register_buffer("weight", weight)  # (out, in) int8
         self.register_buffer("weight_scale", weight_scale)  # (out,)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self.gemm = IntegerGemm(w_max=127)
 
     def forward(self, x):
         x_i, s_x = activation_quant_int(x.reshape(-1, x.size(-1)), self.eps)
-        y = torch.div(int_matmul(x_i, self.weight), s_x * self.weight_scale)
+        y = torch.div(self.gemm(x_i, self.weight), s_x * self.weight_scale)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def run_bytes(self):
+        return self.gemm.run_bytes()
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, int8"

@@ -18,6 +18,7 @@ are plain checkpoints of the same class. Loading a ternary folder needs `pip ins
 
 import json
 import re
+from pathlib import Path
 
 import torch
 
@@ -230,16 +231,15 @@ def load_hf(folder):
     LlamaForCausalLM, such as save_hf writes: the start of a fine-tuning run (train.py
     --init_from=FOLDER). Packed ternary projections become latent weights that ternarize back
     to the same values and scales, so the imported model computes what the folder does."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    args = _args_from_config(config, folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        args = _args_from_config(config, folder)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ExportError(f"'{folder}/config.json' is not a readable transformers config "
+                          f"({type(e).__name__}: {e})") from None
     quant = config.get("quantization_config") or {}
-    tensors = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(f))
+    tensors = _read_tensors(folder)
     ours = {hf_key(k): k for k in _our_keys(args)}
     missing = sorted(set(ours) - set(tensors))
     if missing:
@@ -256,6 +256,20 @@ def load_hf(folder):
     if args["tie_embeddings"]:
         state["output.weight"] = state["tok_embeddings.weight"]
     return args, state, _meta_from_tokenizer(folder)
+
+
+def _read_tensors(folder):
+    """Every tensor of the folder's *.safetensors files; a damaged file is one ExportError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            tensors.update(load_file(f))
+        except (SafetensorError, OSError) as e:
+            raise ExportError(f"'{f}' is not a readable safetensors file ({e}); export the "
+                              f"model again") from None
+    return tensors
 
 
 def _our_keys(args):

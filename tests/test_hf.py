@@ -214,3 +214,15 @@ def test_import_errors_are_one_line(train_llama, bpe_data_dir, tiny_cfg, tmp_pat
                     f"--init_from={out / 'hf'}", f"--out_dir={tmp_path / 'o'}"])
     with pytest.raises(SystemExit, match="not 'scratch', 'resume', or the path"):
         train_main([f"--init_from={tmp_path / 'nothing'}"])
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "hf", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
+    args = [f"--data_dir={bpe_data_dir}", "--dataset=shakespeare", "--device=cpu", "--arch=llama",
+            f"--init_from={broken}", f"--out_dir={tmp_path / 'o'}"]
+    with pytest.raises(SystemExit, match="model.safetensors' is not a readable safetensors"):
+        train_main(args)
+    (broken / "config.json").write_text('{"model_type": "bitnet", "hidden_')
+    with pytest.raises(SystemExit, match="config.json' is not a readable transformers config"):
+        train_main(args)

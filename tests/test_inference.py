@@ -61,6 +61,45 @@ def test_int_matmul_is_exact():
         assert torch.equal(int_matmul(x, w), x.int() @ w.int().t())
 
 
+needs_fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
+                                  reason="fbgemm (x86 CPUs only) is not in this torch build")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("kernel", ["int_mm", "fbgemm"])
+def test_integer_gemm_is_exact_with_either_kernel(monkeypatch, kernel):
+    monkeypatch.setattr(inference, "CPU_KERNEL", kernel)
+    g = torch.Generator().manual_seed(0)
+    # the worst case for float32 sums: every product at its largest, one sign
+    for w_max, m, k, n in [(1, 33, 4096, 48), (1, 1, 768, 64), (127, 3, 1032, 40),
+                           (127, 2, 2048, 8)]:  # 127 * 127 * 2048 > 2**24: int_mm instead
+        x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        x[0] = -127
+        w = torch.randint(-w_max, w_max + 1, (n, k), dtype=torch.int8, generator=g)
+        w[0] = -w_max
+        gemm = inference.IntegerGemm(w_max)
+        assert gemm.fbgemm(x, w) == (kernel == "fbgemm" and 127 * w_max * k < 2**24)
+        exact = x.long() @ w.long().t()
+        assert exact[0, 0] == 127 * w_max * k
+        assert torch.equal(gemm(x, w).long(), exact)
+        assert gemm.run_bytes() == (2 * w.numel() if gemm.fbgemm(x, w) else 0)
+        w.mul_(-1)  # an in-place change (as load_state_dict makes) packs the weight again
+        assert torch.equal(gemm(x, w).long(), -exact)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("variant", ["gpt-bias-bitnorm", "llama-gqa-relu2-subln-tied"])
+def test_both_kernels_give_identical_logits(tiny_cfg, variant, monkeypatch):
+    model = to_integer(train_variant(tiny_cfg, variant))
+    idx = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for kernel in ("int_mm", "fbgemm"):
+        monkeypatch.setattr(inference, "CPU_KERNEL", kernel)
+        with torch.no_grad():
+            logits[kernel] = model(idx, idx)[0]
+    assert torch.equal(logits["int_mm"], logits["fbgemm"])
+
+
 def test_ternary_linear_matches_bitlinear():
     torch.manual_seed(0)
     for norm in (False, True):

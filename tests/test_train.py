@@ -119,9 +119,10 @@ def test_fine_tuning_starts_a_new_run_from_trained_weights(tiny_cfg, tmp_path):
     source = Path(tiny_cfg["out_dir"]) / "ckpt.pt"
     trained = load_checkpoint(source)
     tune = dict(tiny_cfg, out_dir=str(tmp_path / "tuned"), init_from=str(source), n_embd=64,
-                max_iters=12, lr_decay_iters=12)
+                max_iters=12, lr_decay_iters=12, dropout=0.1)
     trainer = Trainer(resolve(dict(tune)))
     assert trainer.iter_num == 0 and trainer.args["n_embd"] == 32  # the shape is the source's
+    assert trainer.args["dropout"] == 0.1  # but dropout is this run's
     for k, v in trained["model"].items():
         assert torch.equal(trainer.raw_model.state_dict()[k], v), k
     assert all(not s for s in trainer.optimizer.state.values())  # a fresh AdamW
