@@ -4,7 +4,7 @@ The ternary weights must come back bit for bit. llama.cpp's logits are compared 
 integer inference path on real validation text. They are close, not equal: llama.cpp quantizes
 the inputs of its ternary matmuls per block of 256 values (Q8_K) where we quantize per token, and
 keeps K and V in fp16. Stated bounds: top-1 agreement >= 95% of positions, max abs logit error
-< 0.1 (measured on these models: 100% and 0.02-0.05).
+< 0.1 (measured on these models: 100% and 0.0009-0.023).
 """
 
 import pickle
