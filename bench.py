@@ -16,7 +16,10 @@ model's flops_per_token()) x tokens/s / the device's peak FLOPS: --peak_flops if
 bf16 dense peak from the table below for known GPUs, else n/a (CPUs: no peak is known here).
 Peak memory is torch.cuda.max_memory_allocated on CUDA; elsewhere the growth of the process's
 peak RSS during the benchmark (getrusage), for the whole process (both models with --compare).
-Keys are train.py's, plus compare, bench_steps, bench_warmup, bench_rounds and peak_flops.
+With --reference=True the ternary model runs bitlinear/layer.py's BitLinear, the paper's
+formulation, instead of its fast form (bitlinear/fast.py); with --compare too, all three run
+side by side. The two ternary forms compute the same numbers: the step times say what the fast
+one buys. Keys: train.py's and those below (--help).
 """
 
 import resource
@@ -24,18 +27,26 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from configurator import run_cli
-from metrics import peak_flops
-from settings import DEFAULTS as TRAIN_DEFAULTS
-from settings import resolve
-from train import Trainer
+from common import blocks, build_model, model_args, parse_args, peak_flops, run_cli
+from train import DEFAULTS as TRAIN_DEFAULTS
+from train import SETTINGS as TRAIN_SETTINGS
+from train import next_batch, resolve, start, train_step
 
-DEFAULTS = dict(TRAIN_DEFAULTS, compare=False, bench_steps=50, bench_warmup=10, bench_rounds=4,
-                peak_flops=0.0,  # FLOPS of the device; 0 looks it up in metrics.PEAK_FLOPS
-                memory=False)  # print every config's estimated training memory instead
+SETTINGS = dict(
+    TRAIN_SETTINGS,
+    compare=(False, "time the ternary model and its float twin, alternating, and their ratio"),
+    reference=(False, "time the paper's BitLinear (bitlinear/layer.py) instead of its fast form; "
+               "with --compare beside it"),
+    bench_steps=(50, "timed steps per model"),
+    bench_warmup=(10, "untimed steps first"),
+    bench_rounds=(4, "alternating rounds the timed steps are split into (--compare)"),
+    peak_flops=(0.0, "FLOPS of the device for MFU; 0 looks it up in common.PEAK_FLOPS"),
+    memory=(False, "print every config's estimated training memory per GPU instead"),
+)
 
 def device_name(device):
     if device.startswith("cuda"):
@@ -53,32 +64,47 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(trainer, n):
+def time_steps(run, n):
     """Seconds per optimizer step, one sample per step; and the CUDA peak memory meanwhile."""
-    cuda = trainer.device.startswith("cuda")
+    device = run.cfg["device"]
+    cuda = device.startswith("cuda")
     if cuda:
-        torch.cuda.reset_peak_memory_stats(trainer.device)
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(n):
         t = time.perf_counter()
-        loss, _ = trainer.step()
-        sync(trainer.device)
+        loss, _, run.batch = train_step(run, run.batch)
+        sync(device)
         times.append(time.perf_counter() - t)
     loss.item()
-    return times, torch.cuda.max_memory_allocated(trainer.device) if cuda else 0
+    return times, torch.cuda.max_memory_allocated(device) if cuda else 0
+
+
+def use_reference(model):
+    """Turn the model's fast BitLinears into the paper's (the same weights and numbers)."""
+    from bitlinear import BitLinear, FastBitLinear
+    for m in model.modules():
+        if type(m) is FastBitLinear:
+            m.__class__ = BitLinear
+    return model
 
 
 def bench(cfg):
     models = {"ternary": True, "float": False} if cfg["compare"] else {
         "ternary" if cfg["bitlinear"] else "float": cfg["bitlinear"]}
+    if cfg["reference"]:  # the paper's layer: alone, or beside the fast one and the float twin
+        models = ({"ternary": True, "reference": True, "float": False} if cfg["compare"]
+                  else {"reference": True})
     rss0 = peak_rss_bytes()
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, bitlinear in models.items():
-            trainer = Trainer(dict(cfg, bitlinear=bitlinear, out_dir=tmp))
-            trainer.next_batch()
-            _, mem = time_steps(trainer, cfg["bench_warmup"])
-            runs[name] = dict(trainer=trainer, times=[], mem=mem)
+            run = start(dict(cfg, bitlinear=bitlinear, out_dir=tmp))
+            if name == "reference":
+                use_reference(run.raw_model)
+            run.batch = next_batch(run)
+            _, mem = time_steps(run, cfg["bench_warmup"])
+            runs[name] = dict(trainer=run, times=[], mem=mem)
         per_round = max(1, cfg["bench_steps"] // cfg["bench_rounds"])
         for _ in range(cfg["bench_rounds"]):
             for run in runs.values():
@@ -110,33 +136,132 @@ def bench(cfg):
         result["ratio"] = result["ternary"]["ms"] / result["float"]["ms"]
         print(f"ternary/float step time: {result['ratio']:.3f}x (median of "
               f"{result['float']['steps']} steps each, {cfg['bench_rounds']} alternating rounds)")
+        if "reference" in result:
+            result["reference_ratio"] = result["reference"]["ms"] / result["float"]["ms"]
+            fast = result["ternary"]["ms"] / result["reference"]["ms"]
+            print(f"reference/float step time: {result['reference_ratio']:.3f}x (the paper's "
+                  f"BitLinear; fast/reference {fast:.3f}x)")
     return result
 
 
-def memory_table(gpus=8):
-    """Markdown: each config's estimated training memory per GPU (models.training_memory) at its
-    batch_size, plain (one GPU, or DDP), with activation checkpointing, and with FSDP across
-    `gpus` GPUs; and the smallest of 24/40/80 GB GPUs each fits in (using at most 90% of it:
-    the CUDA context and the allocator's slack take the rest)."""
-    from pathlib import Path
+def saved_activations(model, batch_size):
+    """Bytes autograd keeps for the backward of one (batch_size, block_size) micro-batch:
+    (total, [bytes kept inside each block]). Run it on a meta-device model: nothing is
+    allocated. Each storage counts once; parameters don't count. Attention counts what flash
+    attention keeps (q, k, v, output, log-sum-exp), not a T x T matrix."""
+    from unittest import mock
 
-    from configurator import config_facts, parse_args
-    from models import model_args, training_memory
+    import torch.nn.functional as F
+
+    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p,
+                                                                  is_causal)[0]
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved, owner, current = {}, {}, [None]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in params and storage._cdata not in saved:
+            saved[storage._cdata], owner[storage._cdata] = storage.nbytes(), current[0]
+        return t
+
+    for i, block in enumerate(blocks(model)):
+        block.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i))
+        block.register_forward_hook(lambda m, a, out: current.__setitem__(0, None))
+    idx = torch.zeros(batch_size, model.config.block_size, dtype=torch.long,
+                      device=next(model.parameters()).device)
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+          mock.patch.object(F, "scaled_dot_product_attention", flash)):
+        model(idx, idx)
+    per_block = [sum(b for k, b in saved.items() if owner[k] == i)
+                 for i in range(len(blocks(model)))]
+    return sum(saved.values()), per_block
+
+
+def training_memory(arch, args, batch_size, dtype="bfloat16", shards=1,
+                    activation_checkpointing=False):
+    """Estimated bytes one process needs to train the model, counted on the meta device:
+
+    - float32 weights, gradients and AdamW's two moments: 16 bytes a parameter, and under
+      autocast its 16-bit copy of each weight: 2 more; all divided by `shards` under FSDP,
+      which then holds two whole blocks at a time (the one running and the next, prefetched);
+    - the activations kept for the backward (saved_activations), in dtype; with activation
+      checkpointing only each block's input, plus one block's activations while it recomputes;
+    - a float32 logits-sized gradient.
+    """
+    with torch.device("meta"):
+        model = build_model(arch, args).to(getattr(torch, dtype))
+    n = sum(p.numel() for p in model.parameters())
+    state = (16 + (0 if dtype == "float32" else 2)) * n
+    if shards > 1:
+        biggest = max(sum(p.numel() for p in b.parameters()) for b in blocks(model))
+        state = state / shards + 2 * 4 * biggest
+    acts, per_block = saved_activations(model, batch_size)
+    B, T, C = batch_size, model.config.block_size, model.config.n_embd
+    if activation_checkpointing:
+        block_input = B * T * C * torch.finfo(getattr(torch, dtype)).bits // 8
+        acts += len(per_block) * block_input - sum(per_block) + max(per_block)
+    return int(state + acts + 4 * B * T * model.config.vocab_size)
+
+
+def config_facts(path):
+    """What a config file trains, as the code builds it: (cfg, model args, parameter count)."""
+    cfg = parse_args(TRAIN_DEFAULTS, [str(path)])
+    vocab_size = 65 if cfg["dataset"] == "shakespeare_char" else 50304
+    args = dict(model_args(cfg["arch"], cfg), vocab_size=vocab_size)
+    with torch.device("meta"):
+        params = build_model(cfg["arch"], args).get_num_params()
+    return cfg, args, params
+
+
+def count(n):
+    return f"{n / 1e3:.1f}k" if n < 1e6 else f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
+
+
+def configs():
+    """The config files with their facts, smallest model first."""
+    facts = [(p, *config_facts(p)) for p in Path(__file__).parent.glob("configs/*.py")]
+    return sorted(facts, key=lambda f: (f[3], f[0].name))
+
+
+def size(b):
+    return f"{b / 1e6:.3g} MB" if b < 1e9 else f"{b / 1e9:.3g} GB"
+
+
+def config_table():
+    """What `python train.py --list_configs` prints: every config, its model and the memory to
+    train it, in float32 for the CPU-sized ones (under 5M parameters), else bfloat16."""
+    rows = [("config", "arch", "params", "layers x width, context", "dataset", "batch",
+             "memory")]
+    for path, cfg, args, params in configs():
+        dtype = "float32" if params < 5e6 else "bfloat16"
+        mem = training_memory(cfg["arch"], args, cfg["batch_size"], dtype)
+        rows.append((f"configs/{path.name}", cfg["arch"], count(params),
+                     f"{cfg['n_layer']} x {cfg['n_embd']}, {cfg['block_size']}", cfg["dataset"],
+                     str(cfg["batch_size"]), f"{size(mem)} {dtype}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines + ["memory: to train on one device without sharding, at the config's "
+                              "batch_size (bench.training_memory)"])
+
+
+def memory_table(gpus=8):
+    """Markdown: each config's estimated training memory per GPU (training_memory) at its
+    batch_size, in float32 for the CPU-sized configs (under 5M parameters), else bfloat16:
+    plain (one GPU, or DDP), with activation checkpointing, and with FSDP across `gpus` GPUs;
+    and the smallest of 24/40/80 GB GPUs each fits in (using at most 90% of it: the CUDA
+    context and the allocator's slack take the rest)."""
     rows = ["| config | params | batch | one GPU / DDP | + act. ckpt | FSDP x8 | FSDP x8 + act. "
             "ckpt |", "|---|---|---|---|---|---|---|"]
     fit = lambda b: f"{b / 1e9:.1f} GB" + next((f" ({g})" for g in (24, 40, 80)  # noqa: E731
                                                 if b < g * 1e9 * 0.9), " (>80)")
-    configs = sorted(Path(__file__).parent.glob("configs/*.py"),
-                     key=lambda p: config_facts(p)["params"] or 0)
-    for path in configs:
-        cfg = parse_args(TRAIN_DEFAULTS, [str(path)])
-        args = dict(model_args(cfg["arch"], cfg),
-                    vocab_size=65 if cfg["dataset"] == "shakespeare_char" else 50304)
-        dtype = config_facts(path)["setting"].split(", ")[1]
+    for path, cfg, args, params in configs():
+        dtype = "float32" if params < 5e6 else "bfloat16"
         need = [training_memory(cfg["arch"], args, cfg["batch_size"], dtype, shards, ckpt)
                 for shards in (1, gpus) for ckpt in (False, True)]
-        rows.append(f"| {path.stem} | {config_facts(path)['params_text']} | "
-                    f"{cfg['batch_size']} | " + " | ".join(map(fit, need)) + " |")
+        rows.append(f"| {path.stem} | {count(params)} | {cfg['batch_size']} | "
+                    + " | ".join(map(fit, need)) + " |")
     return "\n".join(rows)
 
 
@@ -146,7 +271,7 @@ def main(argv=None):
             print(memory_table())
             return None
         return bench(resolve(cfg))
-    return run_cli(DEFAULTS, run, "bench.py", __doc__, argv)
+    return run_cli(SETTINGS, run, "bench.py", __doc__, argv)
 
 
 if __name__ == "__main__":

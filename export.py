@@ -16,13 +16,11 @@ and the output head as int8 with one scale per row instead (half the bytes of fp
 runs as an integer matmul), which changes the logits slightly: the model is no longer exactly
 the trained one.
 
---format=hf and --format=gguf (pip install -r requirements-export.txt): see llama/hf.py and
+--format=hf and --format=gguf (pip install -r requirements-dev.txt): see llama/hf.py and
 llama/gguf.py for which model options map to which transformers class and llama.cpp
 architecture; the others are refused with a message that says why.
 """
 
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,20 +30,27 @@ from bitlinear.packed_file import (
     save_packed,
     ternary_bits_per_weight,
 )
-from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import ConfigError, run_cli
-
-DEFAULTS = dict(
-    out_dir="out",
-    ckpt="",  # the training checkpoint; empty means out_dir/ckpt.pt
-    format="packed",  # 'packed' (.bitnet for sample.py), 'hf' (transformers), 'gguf' (llama.cpp)
-    packing="2bit",  # '2bit' (4 weights per byte) or 'base3' (5 weights per byte)
-    to="",  # the output; empty means out_dir/model.bitnet, out_dir/hf, out_dir/model.gguf
-    float_dtype="",  # embeddings, norms, head: 'fp16', 'bf16' or 'fp32'; empty: the format's
-    # default (packed fp16, hf fp32: transformers then computes exactly as we do, gguf fp16)
-    embed_int8=False,  # embeddings and head as int8 rows with a scale each: smaller, not exact
-    qtype="tq2_0",  # gguf ternary blocks: 'tq2_0' (2.06 bits/weight) or 'tq1_0' (1.69)
+from common import (
+    ConfigError,
+    atomic_path,
+    defaults,
+    load_checkpoint,
+    model_from_checkpoint,
+    run_cli,
 )
+
+SETTINGS = dict(
+    out_dir=("out", "the run to export: out_dir/ckpt.pt"),
+    ckpt=("", "the training checkpoint; empty: out_dir/ckpt.pt"),
+    format=("packed", "'packed' (.bitnet for sample.py), 'hf' (transformers), 'gguf' (llama.cpp)"),
+    packing=("2bit", "packed: '2bit' (4 weights a byte) or 'base3' (5 weights a byte)"),
+    to=("", "the output; empty: out_dir/model.bitnet, out_dir/hf or out_dir/model.gguf"),
+    float_dtype=("", "embeddings, norms, head: 'fp16', 'bf16' or 'fp32'; empty: the format's "
+                 "default (packed fp16, hf fp32, gguf fp16)"),
+    embed_int8=(False, "embeddings and head as int8 rows with a scale each: smaller, not exact"),
+    qtype=("tq2_0", "gguf ternary blocks: 'tq2_0' (2.06 bits/weight) or 'tq1_0' (1.69)"),
+)
+DEFAULTS = defaults(SETTINGS)
 
 
 FORMATS = {"packed": "model.bitnet", "hf": "hf", "gguf": "model.gguf"}
@@ -108,18 +113,9 @@ def export_hf(model, ckpt, dst, float_dtype):
     if dst.exists() and any(dst.iterdir()) and not (dst / "config.json").is_file():
         raise ConfigError(f"'{dst}' exists and is not an exported model folder; choose another "
                           f"--to")
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_path(dst) as tmp:
+        tmp.mkdir(parents=True)
         config = save_hf(model, asdict(model.config), ckpt.get("meta"), tmp, float_dtype)
-        old = dst.with_name(f".{dst.name}.old{os.getpid()}")
-        if dst.exists():
-            dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in dst.iterdir())
     packed = "ternary projections packed 2 bits/weight, " if "quantization_config" in config else ""
     print(f"wrote {dst}/: {config['architectures'][0]}, {size / 1e6:.2f} MB, {packed}other "
@@ -137,7 +133,7 @@ def export_gguf(model, ckpt, dst, qtype, float_dtype, embed_int8):
 
 
 def main(argv=None):
-    run_cli(DEFAULTS, export, "export.py", __doc__, argv)
+    run_cli(SETTINGS, export, "export.py", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -13,52 +13,95 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint, model_from_packed
-from configurator import ConfigError, run_cli
-from generation import generate
+from common import ConfigError, defaults, load_model, resolve_device, run_cli
+from data.tokenizer import Tokenizer
 
-DEFAULTS = dict(
-    out_dir="out",
-    ckpt="",  # a checkpoint (.pt) or packed model (.bitnet); empty means out_dir/ckpt.pt
-    start="\n",  # the prompt, or FILE:path to read it from a file
-    num_samples=3,
-    max_new_tokens=500,
-    temperature=0.8,  # 1.0 as trained, lower is more conservative, 0 is greedy (argmax)
-    top_k=200,  # keep only the k most likely tokens; 0 keeps all
-    seed=1337,
-    device="auto",
-    dtype="auto",
-    compile=False,
+SETTINGS = dict(
+    out_dir=("out", "the run whose out_dir/ckpt.pt to sample from"),
+    ckpt=("", "a checkpoint (.pt) or packed model (.bitnet); empty: out_dir/ckpt.pt"),
+    start=("\n", "the prompt, or FILE:path to read it from a file"),
+    num_samples=(3, "samples to draw"),
+    max_new_tokens=(500, "tokens generated per sample"),
+    temperature=(0.8, "1.0 as trained, lower is more conservative, 0 is greedy (argmax)"),
+    top_k=(200, "keep only the k most likely tokens; 0 keeps all"),
+    seed=(1337, "random seed"),
+    device=("auto", "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'mps'"),
+    dtype=("auto", "'auto', 'float32', 'bfloat16' or 'float16'"),
+    compile=(False, "torch.compile the model"),
 )
+DEFAULTS = defaults(SETTINGS)
 
 
-class Tokenizer:
-    """The checkpoint's characters (meta with stoi/itos), else GPT-2 BPE via tiktoken.
-    meta['tokenizer'] ('char' or 'gpt2') decides; older metas without it are characters when
-    they have stoi, and no meta at all means GPT-2."""
+# ---- generation with a key/value cache, for every architecture ------------------------------
+# A model takes part by accepting `cache=` in forward (calling cache.layer(i).update(k, v) in
+# layer i's attention) and returning the last position's logits when no targets are given.
 
-    def __init__(self, meta):
-        meta = meta or {}
-        if meta.get("tokenizer", "char" if "stoi" in meta else "gpt2") == "char":
-            self.stoi = meta["stoi"]
-            self.itos = {int(i): ch for i, ch in meta["itos"].items()}  # JSON keys are strings
+class LayerCache:
+    """Keys and values of one attention layer, preallocated to the model's context length."""
+
+    def __init__(self, parent):
+        self.parent = parent
+        self.k = self.v = None
+
+    def update(self, k, v):
+        """Append k, v (B, n_kv_head, T, head_size) and return everything cached so far."""
+        start, end = self.parent.length, self.parent.length + k.size(2)
+        if self.k is None:
+            shape = (k.size(0), k.size(1), self.parent.max_length, k.size(3))
+            self.k = k.new_empty(shape)
+            self.v = v.new_empty(shape)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One LayerCache per layer; `length` counts the positions already cached."""
+
+    def __init__(self, n_layer, max_length):
+        self.max_length = max_length
+        self.length = 0
+        self.layers = [LayerCache(self) for _ in range(n_layer)]
+
+    def layer(self, i):
+        return self.layers[i]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """Pick the next token from (B, vocab) logits; temperature 0 means greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        v, _ = torch.topk(logits, top_k)
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+             use_cache=True):
+    """Extend idx (B, T) by max_new_tokens sampled tokens.
+
+    Once the text outgrows the context, the model sees only its last block_size tokens, as in
+    nanoGPT; with the cache that means one fresh prefill of that window per token from there on,
+    so cached and uncached generation give exactly the same tokens.
+    """
+    block_size = model.config.block_size
+    cache = None
+    for _ in range(max_new_tokens):
+        if not use_cache or cache is None or cache.length + 1 > block_size:
+            cache = KVCache(model.config.n_layer, block_size) if use_cache else None
+            logits, _ = model(idx[:, -block_size:], cache=cache)
+            if cache is not None:
+                cache.length = min(idx.size(1), block_size)
         else:
-            import tiktoken
-            self.enc = tiktoken.get_encoding("gpt2")
-            self.stoi = None
-
-    def encode(self, text):
-        if self.stoi is None:
-            return self.enc.encode(text, allowed_special={"<|endoftext|>"})
-        unknown = sorted(set(text) - set(self.stoi))
-        if unknown:
-            raise ConfigError(f"the prompt has characters this model never saw: "
-                              f"{''.join(unknown)!r}; its vocabulary is "
-                              f"{''.join(sorted(self.stoi))!r}")
-        return [self.stoi[c] for c in text]
-
-    def decode(self, ids):
-        return self.enc.decode(ids) if self.stoi is None else "".join(self.itos[i] for i in ids)
+            logits, _ = model(idx[:, -1:], cache=cache)
+            cache.length += 1
+        idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
 
 
 def read_prompt(start):
@@ -81,23 +124,12 @@ def check(cfg):
         raise ConfigError("top_k must be >= 0 and num_samples >= 1")
 
 
-def load_model(path, device):
-    """A model ready for inference, with its tokenizer: from a training checkpoint (.pt), or
-    from a packed .bitnet file (export.py), which runs with integer matmuls."""
-    if str(path).endswith(".bitnet"):
-        model, ckpt = model_from_packed(path)
-    else:
-        ckpt = load_checkpoint(path)
-        model = model_from_checkpoint(ckpt, path)
-    return model.eval().to(device), Tokenizer(ckpt.get("meta"))
-
-
 def sample(cfg):
     """Return the list of generated texts (prompt included)."""
     check(cfg)
-    from settings import resolve_device
     device, dtype = resolve_device(cfg["device"], cfg["dtype"])
-    model, tok = load_model(cfg["ckpt"] or Path(cfg["out_dir"]) / "ckpt.pt", device)
+    model, meta = load_model(cfg["ckpt"] or Path(cfg["out_dir"]) / "ckpt.pt")
+    model, tok = model.eval().to(device), Tokenizer(meta)
     if cfg["compile"]:
         model = torch.compile(model)
     ids = tok.encode(read_prompt(cfg["start"]))
@@ -115,7 +147,7 @@ def sample(cfg):
 
 
 def main(argv=None):
-    for text in run_cli(DEFAULTS, sample, "sample.py", __doc__, argv):
+    for text in run_cli(SETTINGS, sample, "sample.py", __doc__, argv):
         print(text)
         print("---------------")
 

@@ -6,8 +6,7 @@
     torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py
     python train.py --list_configs                     # the configs, their sizes and memory
 
-Every key in settings.py can be set by a config file or --key=value (python train.py --help
-lists them).
+Every setting below can be set by a config file or --key=value (python train.py --help).
 """
 
 import math
@@ -16,19 +15,137 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-import distributed
-from checkpoint import load_checkpoint, load_init_weights, model_from_checkpoint, save_checkpoint
-from configurator import ConfigError, UserError, list_configs, run_cli
+from common import (
+    ConfigError,
+    UserError,
+    build_model,
+    defaults,
+    first_line,
+    load_checkpoint,
+    load_init_weights,
+    model_args,
+    model_from_checkpoint,
+    peak_flops,
+    resolve_device,
+    run_cli,
+    save_checkpoint,
+)
 from data.loader import Data
-from metrics import MetricsLog, peak_flops
-from models import build_model, model_args
-from settings import DEFAULTS, resolve
 
+SETTINGS = dict(
+    # I/O
+    out_dir=("out", "folder of the run: ckpt.pt and metrics.jsonl"),
+    eval_interval=(250, "steps between evaluations (and checkpoints)"),
+    log_interval=(10, "steps between training-loss logs"),
+    eval_iters=(100, "batches per split in an evaluation"),
+    eval_only=(False, "evaluate once and exit"),
+    always_save_checkpoint=(True, "save at every evaluation; False: only when val loss improves"),
+    init_from=("scratch", "'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint or "
+               "transformers folder to fine-tune from"),
+    wandb_log=(False, "also log to Weights & Biases (pip install wandb)"),
+    wandb_project=("bitgpt", "wandb project"),
+    wandb_run_name=("run", "wandb run name"),
+    # data
+    data_dir=("data", "folder that holds the datasets"),
+    dataset=("shakespeare_char", "a prepared dataset: data_dir/dataset/{train,val}.bin"),
+    gradient_accumulation_steps=(1, "micro-batches per optimizer step, summed over processes"),
+    batch_size=(12, "sequences per micro-batch and process"),
+    block_size=(64, "context length in tokens"),
+    # model
+    arch=("gpt", "'gpt' (gpt/model.py) or 'llama' (llama/model.py)"),
+    n_layer=(4, "transformer blocks"),
+    n_head=(4, "attention heads"),
+    n_embd=(128, "model width"),
+    dropout=(0.0, "dropout rate"),
+    bitlinear=(True, "ternary BitLinear layers; False builds the same model with nn.Linear"),
+    bit_norm=(False, "RMSNorm inside each BitLinear (the b1.58 FAQ's reference layout)"),
+    bias=(False, "gpt only: biases in Linears and LayerNorms"),
+    n_kv_head=(0, "llama only: key/value heads (grouped-query attention); 0 means n_head"),
+    ffn_hidden=(0, "llama only: MLP width; 0 means 8/3 n_embd rounded up to a multiple of 64"),
+    mlp=("swiglu", "llama only: 'swiglu', or 'relu2' (squared ReLU, as b1.58 2B4T)"),
+    subln=(False, "llama only: RMSNorm before the attention and MLP output projections (2B4T)"),
+    rope_theta=(10000.0, "llama only: rotary embedding base"),
+    norm_eps=(1e-5, "llama only: RMSNorm epsilon"),
+    tie_embeddings=(False, "llama only: share the token embedding with the output head"),
+    # AdamW and the learning-rate schedule
+    learning_rate=(1e-3, "peak learning rate"),
+    bit_lr_scale=(4.0, "BitLinear weights train at learning_rate * bit_lr_scale"),
+    max_iters=(2000, "optimizer steps in all"),
+    max_time=(0.0, "seconds of training after which to save and stop; 0: no limit"),
+    weight_decay=(0.1, "AdamW weight decay of the linear layers"),
+    beta1=(0.9, "AdamW beta1"),
+    beta2=(0.99, "AdamW beta2"),
+    grad_clip=(1.0, "clip the gradient norm to this; 0 disables"),
+    decay_lr=(True, "warm up, then decay to min_lr by lr_schedule; False: constant"),
+    lr_schedule=("cosine", "'cosine', or 'two_stage' (the b1.58 training tips)"),
+    wd_schedule=("constant", "'constant', or 'two_stage': no weight decay from mid-decay on"),
+    warmup_iters=(100, "steps of linear warmup"),
+    lr_decay_iters=(2000, "step at which the decay reaches min_lr"),
+    min_lr=(1e-4, "learning rate at the end of the decay"),
+    # system
+    backend=("nccl", "torchrun's backend: 'nccl' on GPUs, 'gloo' on CPUs"),
+    fsdp=(False, "shard weights, gradients and AdamW state across processes (FSDP2)"),
+    activation_checkpointing=(False, "recompute each block's activations in the backward"),
+    device=("auto", "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'"),
+    dtype=("auto", "'auto' (bfloat16 on GPUs that have it, float16 on other GPUs, else "
+           "float32), or one of those"),
+    compile=("auto", "torch.compile the model; 'auto': on for cuda"),
+    seed=(1337, "random seed"),
+)
+DEFAULTS = defaults(SETTINGS)
+ARCH_ONLY = {"gpt": ("bias",), "llama": ("n_kv_head", "ffn_hidden", "mlp", "subln", "rope_theta",
+                                         "norm_eps", "tie_embeddings")}
+
+
+def resolve(cfg):
+    """Decide the settings derived from others (device, dtype, compile) and check the rest."""
+    cfg["device"], cfg["dtype"] = resolve_device(cfg["device"], cfg["dtype"])
+    if cfg["compile"] == "auto":
+        cfg["compile"] = cfg["device"].startswith("cuda")
+    if not isinstance(cfg["compile"], bool):
+        raise ConfigError(f"compile wants True, False or 'auto', got {cfg['compile']!r}")
+    if cfg["arch"] not in ARCH_ONLY:
+        raise ConfigError(f"arch '{cfg['arch']}' is not one of {', '.join(ARCH_ONLY)}")
+    foreign = [k for a, keys in ARCH_ONLY.items() if a != cfg["arch"] for k in keys
+               if cfg[k] != DEFAULTS[k]]
+    if foreign:
+        raise ConfigError(f"{', '.join(sorted(foreign))}: not a setting of arch '{cfg['arch']}'; "
+                          f"drop it or pick the arch it belongs to")
+    for key, choices in (("lr_schedule", ("cosine", "two_stage")),
+                         ("wd_schedule", ("constant", "two_stage")), ("mlp", ("swiglu", "relu2"))):
+        if cfg[key] not in choices:
+            raise ConfigError(f"{key} '{cfg[key]}' is not one of {', '.join(choices)}")
+    if cfg["init_from"] not in ("scratch", "resume"):
+        source = Path(cfg["init_from"])
+        if not source.exists():
+            raise ConfigError(f"init_from '{source}' is not 'scratch', 'resume', or the path of a "
+                              f"checkpoint or transformers folder")
+        if source.resolve() == (Path(cfg["out_dir"]) / "ckpt.pt").resolve():
+            raise ConfigError(f"init_from '{source}' is this run's own checkpoint, which it would "
+                              f"overwrite: fine-tune into another --out_dir, or continue the run "
+                              f"with --init_from=resume")
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
+                "eval_iters", "log_interval", "gradient_accumulation_steps"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise ConfigError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")
+    if cfg["n_kv_head"] < 0 or cfg["n_kv_head"] and cfg["n_head"] % cfg["n_kv_head"]:
+        raise ConfigError(f"n_kv_head={cfg['n_kv_head']} must divide n_head={cfg['n_head']} "
+                          f"(0 means n_head)")
+    if cfg["arch"] == "llama" and cfg["n_embd"] // cfg["n_head"] % 2:
+        raise ConfigError(f"llama's head size n_embd/n_head={cfg['n_embd'] // cfg['n_head']} "
+                          f"must be even (rotary embeddings turn pairs)")
+    return cfg
+
+
+# ---- schedules and the optimizer ------------------------------------------------------------
 
 def decay_progress(it, cfg):
     """How far step it is from the end of warmup (0) to lr_decay_iters (1)."""
@@ -60,6 +177,219 @@ def get_weight_decay(it, cfg):
     return cfg["weight_decay"]
 
 
+def configure_optimizers(model, cfg, device_type):
+    """AdamW (fused on CUDA). Weight decay on the linear layers, not on norms, biases or
+    embeddings. BitLinear latent weights train at learning_rate * bit_lr_scale: a ternary
+    weight changes only when its latent weight crosses a rounding threshold, so it learns slower
+    than a float weight at the same rate. Each group's lr_scale multiplies the schedule's rate."""
+    from bitlinear import BitLinear
+    bit = {id(m.weight) for m in model.modules() if isinstance(m, BitLinear)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decayed = lambda p: p.dim() >= 2 and id(p) not in embeddings  # noqa: E731
+    groups = [  # "decay": the groups whose weight decay wd_schedule sets
+        {"params": [p for p in params if id(p) in bit], "lr_scale": cfg["bit_lr_scale"],
+         "decay": True},
+        {"params": [p for p in params if id(p) not in bit and decayed(p)], "lr_scale": 1.0,
+         "decay": True},
+        {"params": [p for p in params if id(p) not in bit and not decayed(p)], "lr_scale": 1.0,
+         "decay": False},
+    ]
+    groups = [dict(g, weight_decay=cfg["weight_decay"] if g["decay"] else 0.0)
+              for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                             fused=True if device_type == "cuda" else None)
+
+
+# ---- several processes (torchrun): DDP, or FSDP2 for models too big for one GPU -------------
+
+def setup_processes(cfg):
+    """Under torchrun: (rank, world_size) after joining the process group; else (0, 1)."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if cfg["gradient_accumulation_steps"] % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} does "
+                          f"not divide across {world_size} processes; make it a multiple")
+    torch.distributed.init_process_group(backend=cfg["backend"])
+    if cfg["device"].startswith("cuda"):
+        cfg["device"] = f"cuda:{local_rank}"
+        torch.cuda.set_device(cfg["device"])
+    cfg["gradient_accumulation_steps"] //= world_size
+    return rank, world_size
+
+
+def checkpoint_activations(model):
+    """Keep only each block's input for the backward and recompute the rest there: about a
+    third more compute for a fraction of the activation memory. State dict names don't change."""
+    from torch.utils.checkpoint import checkpoint
+
+    from common import blocks
+    for block in blocks(model):
+        forward = block.forward
+        block.forward = lambda *a, _f=forward, **kw: checkpoint(_f, *a, use_reentrant=False, **kw)
+
+
+def prepare_model(model, cfg, world_size):
+    """Activation checkpointing and FSDP sharding (in place, before the optimizer sees the
+    weights); returns the model the step calls: compiled, and under DDP when several processes
+    train without FSDP."""
+    from common import blocks
+    if cfg["activation_checkpointing"]:
+        checkpoint_activations(model)
+    if cfg["fsdp"]:
+        if not torch.distributed.is_initialized():
+            raise ConfigError("fsdp=True shards across processes: start with torchrun "
+                              "(README: Several GPUs)")
+        if cfg["dtype"] == "float16":
+            raise ConfigError("fsdp=True trains in bfloat16 or float32, not float16 (its gradient "
+                              "scaler is not sharded); use --dtype=bfloat16")
+        from torch.distributed.fsdp import fully_shard
+        for block in blocks(model):  # one unit of gathering each; the root keeps the rest
+            fully_shard(block)
+        fully_shard(model)
+    wrapped = torch.compile(model) if cfg["compile"] else model
+    if world_size > 1 and not cfg["fsdp"]:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        device = cfg["device"]
+        wrapped = DDP(wrapped, device_ids=[int(device.split(":")[1])] if "cuda:" in device
+                      else None)
+    return wrapped
+
+
+def full_state(model, optimizer, cfg):
+    """Whole (unsharded) model and optimizer state on the CPU, the optimizer's keyed by
+    parameter name, so a checkpoint resumes with or without FSDP. Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = (get_model_state_dict(model, options=options) if cfg["fsdp"]
+                   else model.state_dict())
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+class TrainingError(UserError):
+    """Training cannot go on (a diverged loss); the message says what to try."""
+
+
+@dataclass
+class Run:
+    """What a training run holds; start() makes it."""
+    cfg: dict
+    rank: int
+    world_size: int
+    data: Data
+    args: dict  # the model's constructor arguments, saved in the checkpoint
+    raw_model: torch.nn.Module
+    model: torch.nn.Module  # the one the step calls: compiled, DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ctx: object  # autocast, or nothing for float32
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    elapsed_before: float = 0.0  # seconds trained before a resume
+
+
+def start(cfg):
+    """Everything a run needs, from scratch or from the checkpoint it resumes."""
+    rank, world_size = setup_processes(cfg)
+    device_type = cfg["device"].split(":")[0]
+    torch.manual_seed(cfg["seed"])  # the same initial weights in every process (FSDP)
+    data = Data(cfg, cfg["device"], cfg["seed"], rank, world_size)
+    ckpt = weights = None
+    if cfg["init_from"] == "resume":
+        ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt", arch=cfg["arch"])
+        cfg.update(ckpt["model_args"])  # the model's shape comes from the checkpoint
+    elif cfg["init_from"] != "scratch":  # a fine-tuning run: weights, not optimizer state
+        source, weights = load_init_weights(cfg["init_from"], cfg["arch"])
+        source.pop("dropout", None)  # a training choice, not part of the weights
+        cfg.update(source)
+    vocab_size = data.meta["vocab_size"] if data.meta else 50304
+    if cfg["init_from"] != "scratch" and cfg["vocab_size"] != vocab_size:
+        raise ConfigError(f"the model's vocabulary ({cfg['vocab_size']}) is not dataset "
+                          f"'{cfg['dataset']}''s ({vocab_size}); train it on data with its "
+                          f"tokenizer")
+    args = dict(model_args(cfg["arch"], cfg), vocab_size=vocab_size)
+    if ckpt:
+        model = model_from_checkpoint(ckpt, Path(cfg["out_dir"]) / "ckpt.pt")
+    else:
+        try:
+            model = build_model(cfg["arch"], args)
+        except ValueError as e:  # a shape the model refuses
+            raise ConfigError(first_line(e)) from None
+    if weights:
+        model.load_state_dict(weights)
+    model.to(cfg["device"])
+    wrapped = prepare_model(model, cfg, world_size)  # FSDP shards in place, before AdamW
+    torch.manual_seed(cfg["seed"] + rank)  # but different dropout in each process
+    ptdtype = getattr(torch, cfg["dtype"])
+    run = Run(cfg, rank, world_size, data, args, model, wrapped,
+              configure_optimizers(model, cfg, device_type),
+              torch.amp.GradScaler(device_type, enabled=cfg["dtype"] == "float16"),
+              nullcontext() if ptdtype == torch.float32
+              else torch.autocast(device_type=device_type, dtype=ptdtype))
+    if ckpt:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+        set_optimizer_state_dict(model, run.optimizer, ckpt["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        run.scaler.load_state_dict(ckpt["scaler"])
+        run.iter_num, run.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        run.elapsed_before = ckpt["elapsed"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        data.generator.set_state(ckpt["rng"]["data"])
+    return run
+
+
+def next_batch(run):
+    """(x, y, the data generator's state before them): a checkpoint stores that state, so a
+    resumed run draws this same batch next."""
+    state = run.data.generator.get_state()
+    return (*run.data.batch("train"), state)
+
+
+def train_step(run, batch):
+    """One optimizer step over gradient_accumulation_steps micro-batches, the first one `batch`;
+    returns (the last micro-batch's loss, lr, the batch to start the next step with)."""
+    cfg, optimizer = run.cfg, run.optimizer
+    lr = get_lr(run.iter_num, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+        if group["decay"]:
+            group["weight_decay"] = get_weight_decay(run.iter_num, cfg)
+    accum = cfg["gradient_accumulation_steps"]
+    for micro_step in range(accum):
+        sync = micro_step == accum - 1  # reduce gradients across processes on the last only
+        if cfg["fsdp"]:
+            getattr(run.model, "_orig_mod", run.model).set_requires_gradient_sync(sync)
+        elif hasattr(run.model, "require_backward_grad_sync"):
+            run.model.require_backward_grad_sync = sync
+        x, y, _ = batch
+        with run.ctx:
+            _, loss = run.model(x, y)
+            loss = loss / accum
+        batch = next_batch(run)  # fetch the next batch while the GPU works
+        run.scaler.scale(loss).backward()
+    if cfg["grad_clip"] > 0:
+        run.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg["grad_clip"])
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    run.iter_num += 1
+    return loss, lr, batch
+
+
+# ---- evaluation, logs, signals --------------------------------------------------------------
+
 @torch.no_grad()
 def estimate_loss(model, data, cfg, ctx, stop=lambda: False, splits=("train", "val")):
     """Mean loss over eval_iters batches per split; the same batches at every evaluation.
@@ -82,6 +412,36 @@ def estimate_loss(model, data, cfg, ctx, stop=lambda: False, splits=("train", "v
     return out
 
 
+class MetricsLog:
+    """One JSON object a line in out_dir/metrics.jsonl (evaluations: step, tokens, train_loss,
+    val_loss, val_bpb, lr, time; logs: step, tokens, loss, lr, tokens_per_sec, mfu), and the
+    same records to Weights & Biases with wandb_log=True."""
+
+    def __init__(self, cfg, append=False):
+        self.wandb = None
+        if cfg["wandb_log"]:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("wandb_log=True needs the 'wandb' package: pip install wandb "
+                                  "(WANDB_MODE=offline works without an account)") from None
+            self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"],
+                                    config=cfg)
+        self.file = open(Path(cfg["out_dir"]) / "metrics.jsonl", "a" if append else "w")
+
+    def write(self, record):
+        import json
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()  # a crash loses nothing already logged
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self):
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop checks it between steps, saves, and exits cleanly."""
 
@@ -98,10 +458,6 @@ class StopFlag:
         self.signal = signal.Signals(signum).name
 
 
-class TrainingError(UserError):
-    """Training cannot go on (a diverged loss); the message says what to try."""
-
-
 def check_writable(folder):
     """Fail at the start, not at the first checkpoint hours later."""
     try:
@@ -114,211 +470,111 @@ def check_writable(folder):
                           f"--out_dir") from None
 
 
-class Trainer:
-    """One training run: model, optimizer and data, with evaluate / save / step / run."""
+# ---- the loop -------------------------------------------------------------------------------
 
-    def __init__(self, cfg):
-        self.rank, _, self.world_size = distributed.setup(cfg)
-        self.master = self.rank == 0
-        self.cfg, self.device = cfg, cfg["device"]
-        device_type = self.device.split(":")[0]
-        torch.manual_seed(cfg["seed"])  # the same initial weights in every process (FSDP)
-        self.out_dir = Path(cfg["out_dir"])
-        self.data = Data(cfg, self.device, cfg["seed"], self.rank, self.world_size)
-        ckpt = weights = None
-        if cfg["init_from"] == "resume":
-            ckpt = load_checkpoint(self.out_dir / "ckpt.pt", arch=cfg["arch"])
-            cfg.update(ckpt["model_args"])  # the model's shape comes from the checkpoint
-        elif cfg["init_from"] != "scratch":  # a fine-tuning run: weights, not optimizer state
-            source, weights = load_init_weights(cfg["init_from"], cfg["arch"])
-            source.pop("dropout", None)  # a training choice, not part of the weights
-            cfg.update(source)
-        self.args = model_args(cfg["arch"], cfg)
-        vocab_size = self.data.meta["vocab_size"] if self.data.meta else 50304
-        if cfg["init_from"] != "scratch" and cfg["vocab_size"] != vocab_size:
-            raise ConfigError(f"the model's vocabulary ({cfg['vocab_size']}) is not dataset "
-                              f"'{cfg['dataset']}''s ({vocab_size}); train it on data with its "
-                              f"tokenizer")
-        self.args["vocab_size"] = vocab_size
-        if ckpt:
-            self.raw_model = model_from_checkpoint(ckpt, self.out_dir / "ckpt.pt")
-        else:
-            self.raw_model = build_model(cfg["arch"], self.args)
-        if weights:
-            self.raw_model.load_state_dict(weights)
-        self.raw_model.to(self.device)
-        distributed.prepare(self.raw_model, cfg)  # FSDP shards it in place, before AdamW sees it
-        torch.manual_seed(cfg["seed"] + self.rank)  # but different dropout in each
-        ptdtype = getattr(torch, cfg["dtype"])
-        self.ctx = (nullcontext() if ptdtype == torch.float32
-                    else torch.autocast(device_type=device_type, dtype=ptdtype))
-        self.scaler = torch.amp.GradScaler(device_type, enabled=cfg["dtype"] == "float16")
-        self.optimizer = self.raw_model.configure_optimizers(
-            cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type,
-            cfg["bit_lr_scale"])
-        self.decayed = [g for g in self.optimizer.param_groups if g["weight_decay"] > 0]
-        self.iter_num, self.best_val_loss, self.elapsed_before = 0, float("inf"), 0.0
-        if ckpt:
-            distributed.load_optimizer_state(self.raw_model, self.optimizer, ckpt["optimizer"])
-            self.scaler.load_state_dict(ckpt["scaler"])
-            self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-            self.elapsed_before = ckpt["elapsed"]
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            self.data.generator.set_state(ckpt["rng"]["data"])
-        self.model = distributed.wrap(self.raw_model, cfg, self.world_size)
-        self.peak_flops = peak_flops(self.device)[0]
-        self.tokens_per_iter = (cfg["gradient_accumulation_steps"] * self.world_size
-                                * cfg["batch_size"] * cfg["block_size"])
+def train(cfg, run=None):
+    """Train to max_iters (or a stop signal or max_time); returns the last {'train', 'val'}
+    losses. run: a start(cfg) to continue, else one is made here."""
+    run = run or start(cfg)
+    master, alone, out_dir = run.rank == 0, run.world_size == 1, Path(cfg["out_dir"])
+    tokens_per_iter = (cfg["gradient_accumulation_steps"] * run.world_size * cfg["batch_size"]
+                       * cfg["block_size"])
+    peak = peak_flops(cfg["device"])[0]
+    if master:
+        check_writable(out_dir)
+        kind = "ternary (BitLinear)" if cfg["bitlinear"] else "float (nn.Linear)"
+        print(f"{cfg['arch']} {kind}: {run.raw_model.get_num_params() / 1e6:.2f}M parameters; "
+              f"device {cfg['device']}, dtype {cfg['dtype']}, compile {cfg['compile']}, "
+              f"{run.world_size} process(es)")
+        metrics = MetricsLog(cfg, append=run.iter_num > 0)
+    t_start = time.time()
+    elapsed = lambda: run.elapsed_before + time.time() - t_start  # noqa: E731
+    mark = (t_start, run.iter_num)  # (time, step) of the last log, for tokens/s
+    bar = tqdm(total=cfg["max_iters"], initial=run.iter_num, disable=not master,
+               dynamic_ncols=True, desc="train")
 
-    def save(self, val_loss):
-        """Write out_dir/ckpt.pt. Every process calls this (FSDP gathers the shards); the
-        master writes."""
-        model_state, optimizer_state = distributed.full_state(self.raw_model, self.optimizer,
-                                                              self.cfg)
-        if not self.master:
-            return
-        save_checkpoint({
-            "arch": self.cfg["arch"], "model_args": self.args, "config": self.cfg,
-            "model": model_state, "optimizer": optimizer_state,
-            "scaler": self.scaler.state_dict(), "iter_num": self.iter_num,
-            "best_val_loss": self.best_val_loss, "val_loss": val_loss, "meta": self.data.meta,
-            "rng": {"torch": torch.get_rng_state(), "data": self.batch_state},
-            "elapsed": self.elapsed(),
-        }, self.out_dir / "ckpt.pt")
+    def save(val_loss):
+        """out_dir/ckpt.pt; every process calls it (FSDP gathers the shards), the master writes."""
+        model_state, optimizer_state = full_state(run.raw_model, run.optimizer, cfg)
+        if master:
+            save_checkpoint({
+                "arch": cfg["arch"], "model_args": run.args, "config": cfg, "model": model_state,
+                "optimizer": optimizer_state, "scaler": run.scaler.state_dict(),
+                "iter_num": run.iter_num, "best_val_loss": run.best_val_loss,
+                "val_loss": val_loss, "meta": run.data.meta, "elapsed": elapsed(),
+                "rng": {"torch": torch.get_rng_state(), "data": batch[2]},
+            }, out_dir / "ckpt.pt")
 
-    def elapsed(self):
-        """Seconds this run has trained (evaluations included), summed over its resumes."""
-        return self.elapsed_before + time.time() - self.t_start
-
-    def evaluate(self):
-        """Estimate losses, log them, and save a checkpoint when due (on the master only).
-        A stop signal abandons the evaluation (None) in a single process; with several, the
-        processes must run the same forwards (collectives), so it waits for the end."""
-        alone = self.world_size == 1
-        losses = estimate_loss(self.model, self.data, self.cfg, self.ctx,
-                               lambda: alone and self.stop.signal is not None)
-        if losses is None:
-            return None
-        self.check_finite(losses["train"])
-        if self.master:
-            self.bar.write(f"step {self.iter_num}: train loss {losses['train']:.4f}, "
-                           f"val loss {losses['val']:.4f}")
-            bytes_per_token = self.data.val_bytes_per_token
-            self.metrics.write({
-                "step": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter,
-                "train_loss": losses["train"], "val_loss": losses["val"],
-                "val_bpb": losses["val"] / math.log(2) / bytes_per_token if bytes_per_token
-                else None, "lr": get_lr(self.iter_num, self.cfg), "time": self.elapsed()})
-        improved = losses["val"] < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, losses["val"])
-        if self.iter_num > 0 and (improved or self.cfg["always_save_checkpoint"]):
-            self.save(losses["val"])
-        return losses
-
-    def next_batch(self):
-        self.batch_state = self.data.generator.get_state()  # a resume redraws this same batch
-        self.x, self.y = self.data.batch("train")
-
-    def step(self):
-        """One optimizer step over gradient_accumulation_steps micro-batches; returns the loss."""
-        lr = get_lr(self.iter_num, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        for group in self.decayed:
-            group["weight_decay"] = get_weight_decay(self.iter_num, self.cfg)
-        accum = self.cfg["gradient_accumulation_steps"]
-        for micro_step in range(accum):
-            # reduce gradients across processes on the last micro-step only
-            distributed.set_gradient_sync(self.model, self.cfg, micro_step == accum - 1)
-            with self.ctx:
-                _, loss = self.model(self.x, self.y)
-                loss = loss / accum
-            self.next_batch()  # fetch the next batch while the GPU works
-            self.scaler.scale(loss).backward()
-        if self.cfg["grad_clip"] > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.iter_num += 1
-        return loss, lr
-
-    def log(self, loss, lr):
-        """The training loss and speed since the last log, to the progress bar and metrics."""
-        self.check_finite(loss)
-        (t, it), now = self.mark, time.time()
-        self.mark = (now, self.iter_num)
-        tokens_per_sec = (self.iter_num - it) * self.tokens_per_iter / max(now - t, 1e-9)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
-        mfu = (self.raw_model.flops_per_token() * tokens_per_sec / self.peak_flops
-               if self.peak_flops else None)
-        self.metrics.write({"step": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter,
-                            "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
-                            "mfu": mfu})
-
-    def check_finite(self, loss):
+    def check_finite(loss):
         """Stop on a NaN/inf loss before it reaches a checkpoint; the last good one stays."""
         if not math.isfinite(loss):
-            raise TrainingError(f"the loss became {loss} at step {self.iter_num}; the checkpoint "
-                                f"in {self.out_dir} is from before it. Try a lower learning_rate "
-                                f"or grad_clip, and check the data")
+            raise TrainingError(f"the loss became {loss} at step {run.iter_num}; the checkpoint "
+                                f"in {out_dir} is from before it. Try a lower learning_rate or "
+                                f"grad_clip, and check the data")
 
-    def run(self):
-        """Train to max_iters (or a stop signal); returns the last {'train', 'val'} losses."""
-        cfg, master = self.cfg, self.master
-        if master:
-            check_writable(self.out_dir)
-            kind = "ternary (BitLinear)" if cfg["bitlinear"] else "float (nn.Linear)"
-            print(f"{cfg['arch']} {kind}: {self.raw_model.get_num_params() / 1e6:.2f}M parameters;"
-                  f" device {self.device}, dtype {cfg['dtype']}, compile {cfg['compile']}, "
-                  f"{self.world_size} process(es)")
-            self.metrics = MetricsLog(cfg, self.out_dir, append=self.iter_num > 0)
-        self.t_start = time.time()
-        self.mark = (self.t_start, self.iter_num)  # (time, step) of the last log, for tokens/s
-        self.bar = tqdm(total=cfg["max_iters"], initial=self.iter_num, disable=not master,
-                        dynamic_ncols=True, desc="train")
-        self.next_batch()
-        losses = None
-        with StopFlag() as stop:
-            self.stop = stop
-            while True:
-                abandoned = False  # an evaluation cut short by a signal: save below
-                if self.iter_num % cfg["eval_interval"] == 0 or self.iter_num >= cfg["max_iters"]:
-                    evaluated = self.evaluate()
-                    abandoned, losses = evaluated is None, evaluated or losses
-                    self.mark = (time.time(), self.iter_num)  # speed leaves evaluation out
-                if (self.iter_num >= cfg["max_iters"] or cfg["eval_only"]) and not abandoned:
-                    break
-                out_of_time = 0 < cfg["max_time"] < time.time() - self.t_start
-                if stop.signal or out_of_time:
-                    self.save(losses["val"] if losses else float("nan"))
+    batch, losses = next_batch(run), None
+    with StopFlag() as stop:
+        while True:
+            # evaluate and checkpoint; a signal cuts an evaluation short in a single process
+            # (several must run the same forwards, for their collectives)
+            abandoned = False
+            if run.iter_num % cfg["eval_interval"] == 0 or run.iter_num >= cfg["max_iters"]:
+                evaluated = estimate_loss(run.model, run.data, cfg, run.ctx,
+                                          lambda: alone and stop.signal is not None)
+                abandoned = evaluated is None
+                if not abandoned:
+                    losses = evaluated
+                    check_finite(losses["train"])
                     if master:
-                        why = stop.signal or f"max_time={cfg['max_time']}s reached"
-                        self.bar.write(f"{why}: saved {self.out_dir / 'ckpt.pt'} at step "
-                                       f"{self.iter_num}; resume: the same command plus "
-                                       f"--init_from=resume")
-                    break
-                loss, lr = self.step()
-                self.bar.update(1)
-                if self.iter_num % cfg["log_interval"] == 0 and master:
-                    self.log(loss.item() * cfg["gradient_accumulation_steps"], lr)
-        self.bar.close()
-        if master:
-            self.metrics.close()
-            val = f"{losses['val']:.4f}" if losses else "not evaluated"
-            print(f"done: {self.iter_num} steps in {time.time() - self.t_start:.1f}s; final val "
-                  f"loss {val}; checkpoint {self.out_dir / 'ckpt.pt'}")
-        if self.world_size > 1:  # all together: a rank that tears down early can hang the rest
-            from torch.distributed import barrier, destroy_process_group
-            barrier()
-            destroy_process_group()
-        return losses
-
-
-def train(cfg):
-    """Run the configured (and resolved) training; returns the final {'train', 'val'} losses."""
-    return Trainer(cfg).run()
+                        bar.write(f"step {run.iter_num}: train loss {losses['train']:.4f}, "
+                                  f"val loss {losses['val']:.4f}")
+                        bytes_per_token = run.data.val_bytes_per_token
+                        metrics.write({
+                            "step": run.iter_num, "tokens": run.iter_num * tokens_per_iter,
+                            "train_loss": losses["train"], "val_loss": losses["val"],
+                            "val_bpb": losses["val"] / math.log(2) / bytes_per_token
+                            if bytes_per_token else None,
+                            "lr": get_lr(run.iter_num, cfg), "time": elapsed()})
+                    improved = losses["val"] < run.best_val_loss
+                    run.best_val_loss = min(run.best_val_loss, losses["val"])
+                    if run.iter_num > 0 and (improved or cfg["always_save_checkpoint"]):
+                        save(losses["val"])
+                mark = (time.time(), run.iter_num)  # speed leaves evaluation out
+            if (run.iter_num >= cfg["max_iters"] or cfg["eval_only"]) and not abandoned:
+                break
+            out_of_time = 0 < cfg["max_time"] < time.time() - t_start
+            if stop.signal or out_of_time:
+                save(losses["val"] if losses else float("nan"))
+                if master:
+                    why = stop.signal or f"max_time={cfg['max_time']}s reached"
+                    bar.write(f"{why}: saved {out_dir / 'ckpt.pt'} at step {run.iter_num}; "
+                              f"resume: the same command plus --init_from=resume")
+                break
+            # step
+            loss, lr, batch = train_step(run, batch)
+            bar.update(1)
+            # log
+            if run.iter_num % cfg["log_interval"] == 0 and master:
+                loss = loss.item() * cfg["gradient_accumulation_steps"]
+                check_finite(loss)
+                (t, it), now = mark, time.time()
+                mark = (now, run.iter_num)
+                tokens_per_sec = (run.iter_num - it) * tokens_per_iter / max(now - t, 1e-9)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+                mfu = (run.raw_model.flops_per_token() * tokens_per_sec / peak if peak else None)
+                metrics.write({"step": run.iter_num, "tokens": run.iter_num * tokens_per_iter,
+                               "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
+                               "mfu": mfu})
+    bar.close()
+    if master:
+        metrics.close()
+        val = f"{losses['val']:.4f}" if losses else "not evaluated"
+        print(f"done: {run.iter_num} steps in {time.time() - t_start:.1f}s; final val loss {val}; "
+              f"checkpoint {out_dir / 'ckpt.pt'}")
+    if run.world_size > 1:  # all together: a rank that tears down early can hang the rest
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return losses
 
 
 def main(argv=None, arch=None):
@@ -330,9 +586,10 @@ def main(argv=None, arch=None):
             cfg["arch"] = arch
         return train(resolve(cfg))
     if "--list_configs" in (sys.argv[1:] if argv is None else argv):
-        print(list_configs(Path(__file__).parent / "configs"))
+        from bench import config_table
+        print(config_table())
         return
-    run_cli(DEFAULTS, run, "train.py", __doc__, argv)
+    run_cli(SETTINGS, run, "train.py", __doc__, argv)
 
 
 if __name__ == "__main__":

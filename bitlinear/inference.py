@@ -15,87 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .layer import BitLinear
-from .quant import EPS, activation_quant_int, ternarize
-
-# sibling layers that read the same input: their int8 activations are identical, quantize once
-SHARED_INPUTS = (("wq", "wk", "wv"), ("w1", "w3"))
+from .fast import SharedInput
+from .kernels import IntegerGemm, fbgemm_fp16_exact, fbgemm_linear, fbgemm_pack
+from .layer import EPS, BitLinear, activation_quant_int, ternarize
 
 
-def int_matmul(x_i: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(M, K) int8 @ (N, K)^T int8 -> (M, N) int32, with torch._int_mm where the device has it.
-
-    weight is (out, in) as nn.Linear keeps it: on CPU _int_mm reads this transposed layout
-    2-3x faster at M=1 than an (in, out) copy (measured: 4.3 vs 6.6 ms for the block linears of
-    a 124M GPT-2 per token). The fallback multiplies in float32, which is exact here:
-    |sum| <= 128 * K < 2**24 for any K below 131072.
-    """
-    if x_i.device.type in ("cpu", "cuda"):
-        try:
-            return torch._int_mm(x_i, weight.t())
-        except RuntimeError:  # shapes the CUDA kernel refuses (M <= 16, K or N not 8-aligned)
-            pass
-    return (x_i.float() @ weight.float().t()).to(torch.int32)
-
-
-def _cpu_kernel():
-    """torch._int_mm is fast on CPUs with VNNI (oneDNN's int8 GEMM). On an AVX2-only AMD EPYC it
-    ran 5x slower than fbgemm's fp16 GEMM at 1 x 768 @ 768 x 2048 and 30x at 128 x 768
-    (README, Deployment), so there the integer sums go through fbgemm instead."""
-    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: True)()
-    return "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines and not vnni \
-        else "int_mm"
-
-
-CPU_KERNEL = _cpu_kernel()  # 'int_mm' or 'fbgemm': how IntegerGemm sums on this CPU
-
-
-class IntegerGemm:
-    """X_i W^T for int8 activations X_i and integer weights W with |W| <= w_max, exact, by the
-    kernel that is fast here: int_matmul, or (CPU_KERNEL 'fbgemm') fbgemm's fp16-weight GEMM.
-    That one holds W's integers exactly in fp16, widens them to fp32 and sums in fp32, which is
-    exact while every sum stays below 2**24: 127 * w_max * K < 2**24, so any K below 132k for
-    ternary weights, below 1040 for int8 ones (larger K takes int_matmul). It returns the same
-    integers as float32; the packed copy (2 bytes a weight) is made on first use and again when
-    the weight changes."""
-
-    def __init__(self, w_max: int):
-        self.w_max, self.packed, self.key = w_max, None, None
-
-    def fbgemm(self, x_i, weight):
-        return (CPU_KERNEL == "fbgemm" and x_i.device.type == "cpu"
-                and 127 * self.w_max * weight.size(1) < 2**24)
-
-    def __call__(self, x_i: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if not self.fbgemm(x_i, weight):
-            self.packed = self.key = None
-            return int_matmul(x_i, weight)
-        version = 0 if weight.is_inference() else weight._version  # bumped by in-place writes
-        if self.key is None or self.key[0] is not weight or self.key[1] != version:
-            self.packed, self.key = fbgemm_pack(weight), (weight, version)
-        return fbgemm_linear(x_i.float(), self.packed)
-
-    def run_bytes(self):
-        return 0 if self.key is None else 2 * self.key[0].numel()
-
-
-class SharedQuant:
-    """Per-token int8 quantization of an input, computed once for all the layers that read it.
-
-    The cache holds the input tensor itself (so its id cannot be reused) and its version counter
-    (so an in-place write misses); tensors without one (inference mode) are not cached.
-    """
-
-    def __init__(self):
-        self.x = self.version = self.value = None
-
-    def __call__(self, x, eps):
-        if x.is_inference():
-            return activation_quant_int(x.reshape(-1, x.size(-1)), eps)
-        if self.x is not x or self.version != x._version:
-            self.value = activation_quant_int(x.reshape(-1, x.size(-1)), eps)
-            self.x, self.version = x, x._version
-        return self.value
+def quantize_tokens(x, eps):
+    """(int8 activations, scales) of x's tokens as rows: (N, in) and (N, 1)."""
+    return activation_quant_int(x.reshape(-1, x.size(-1)), eps)
 
 
 class TernaryLinear(nn.Module):
@@ -110,7 +37,7 @@ class TernaryLinear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(()))  # s_w = 1 / mean|W|
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.norm = norm  # the BitLinear's inner RMSNorm, if it had one
-        self.shared = None  # a SharedQuant when siblings read the same input (see to_integer)
+        self.shared_input = None  # a SharedInput when siblings read one input (to_integer)
         self.gemm = IntegerGemm(w_max=1)
 
     @classmethod
@@ -129,10 +56,8 @@ class TernaryLinear(nn.Module):
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
-        if self.shared is not None:
-            x_i, s_x = self.shared(x, self.eps)
-        else:
-            x_i, s_x = activation_quant_int(x.reshape(-1, x.size(-1)), self.eps)
+        shared = self.shared_input
+        x_i, s_x = shared(x, self.eps) if shared is not None else quantize_tokens(x, self.eps)
         # integer sums / float32 is float32: the conversion and the rescale in one op
         y = torch.div(self.gemm(x_i, self.weight), s_x * self.weight_scale)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -147,56 +72,24 @@ class TernaryLinear(nn.Module):
 
 
 @torch.no_grad()
-def to_integer(model: nn.Module, quantize=True) -> nn.Module:
+def to_integer(model: nn.Module, quantize=True, groups=None) -> nn.Module:
     """Replace every BitLinear in model (in place) by its TernaryLinear; returns model.
 
-    Siblings named in SHARED_INPUTS (LLaMA's wq/wk/wv and w1/w3) share one input quantization
-    when none has an inner norm (with one, each layer's input is different). quantize=False
-    skips ternarizing, for a shell_model whose integer weights are loaded next.
+    Layers that share their input quantization in training (share_input) share it here too.
+    quantize=False skips ternarizing, for a shell_model whose integer weights are loaded next.
     """
+    groups = {} if groups is None else groups  # a training SharedInput -> its int8 twin
     for name, child in model.named_children():
         if isinstance(child, BitLinear):
-            setattr(model, name, TernaryLinear.from_bitlinear(child, quantize))
+            new = TernaryLinear.from_bitlinear(child, quantize)
+            shared = getattr(child, "shared_input", None)
+            if shared is not None:
+                new.shared_input = groups.setdefault(id(shared),
+                                                     SharedInput(quantize_tokens, shared.n))
+            setattr(model, name, new)
         else:
-            to_integer(child, quantize)
-    for group in SHARED_INPUTS:
-        layers = [getattr(model, n, None) for n in group]
-        if all(isinstance(m, TernaryLinear) and m.norm is None for m in layers):
-            shared = SharedQuant()
-            for m in layers:
-                m.shared = shared
+            to_integer(child, quantize, groups)
     return model
-
-
-def fbgemm_fp16_exact(weight: torch.Tensor) -> bool:
-    """Whether fbgemm's fp16-weight GEMM can run weight exactly: every value an fp16 number."""
-    if weight.device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
-        return False
-    if weight.dtype == torch.float16:
-        return True
-    # row blocks: no full-size float32 temporaries while loading a large head
-    return all(torch.equal(w.half().float(), w.float()) for w in weight.split(4096))
-
-
-# fbgemm packs a block of the head from a float32 copy; blocks of ~48 MB as float32 keep that
-# copy out of the heap (glibc mmaps anything above 32 MB and unmaps it when freed), where the
-# copies of smaller blocks would stay as holes between the packed blocks: measured for GPT-2's
-# head, +101 MB resident (134 MB peak) here, against +155 MB for blocks of 8192 rows
-PACK_BYTES = 48 << 20
-
-
-def fbgemm_pack(weight: torch.Tensor) -> list:
-    """fbgemm's packed fp16 form of weight (values exact in fp16), in row blocks: packing a
-    whole GPT-2 head at once peaks at 250 MB of temporaries."""
-    rows = max(1, PACK_BYTES // (4 * weight.size(1)))
-    return [torch.ops.quantized.linear_prepack_fp16(w.float(), None) for w in weight.split(rows)]
-
-
-def fbgemm_linear(x: torch.Tensor, packed: list) -> torch.Tensor:
-    """(M, K) float32 @ the packed (N, K) weight^T -> (M, N), summed in float32."""
-    if len(packed) == 1:
-        return torch.ops.quantized.linear_dynamic_fp16(x, packed[0])
-    return torch.cat([torch.ops.quantized.linear_dynamic_fp16(x, p) for p in packed], dim=1)
 
 
 class Linear16(nn.Module):
@@ -204,8 +97,8 @@ class Linear16(nn.Module):
 
     On x86 CPUs the weight goes to fbgemm's fp16 GEMM (torch.ops.quantized.linear_dynamic_fp16):
     it keeps the weights in fp16, widens them to fp32 in registers and accumulates in fp32, so the
-    result is x @ W^T with exactly the stored values, in half the bytes of a float32 head, ~5x
-    faster than a float32 GEMV at 1 x 768 @ 768 x 50304 on this machine. A bf16 weight takes that
+    result is x @ W^T with exactly the stored values, in half the bytes of a float32 head, and
+    faster than a float32 GEMV (RESULTS.md, Kernels). A bf16 weight takes that
     path when all its values are fp16 numbers too (usual for trained weights); elsewhere, and on
     other devices, the weight is widened to float32 once and F.linear runs (the same values, in
     another summation order).
@@ -285,7 +178,7 @@ class Linear8(nn.Module):
         self.gemm = IntegerGemm(w_max=127)
 
     def forward(self, x):
-        x_i, s_x = activation_quant_int(x.reshape(-1, x.size(-1)), self.eps)
+        x_i, s_x = quantize_tokens(x, self.eps)
         y = torch.div(self.gemm(x_i, self.weight), s_x * self.weight_scale)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

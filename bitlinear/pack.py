@@ -6,6 +6,9 @@ a whole number of bytes.
 
   2-bit:  byte k holds values 4k .. 4k+3; value 4k+j in bits 2j..2j+1 (least significant first)
   base-3: byte k holds values 5k .. 5k+4 as sum_j code_{5k+j} * 3**j  (0..242)
+
+transformers' bitnet layout is the 2-bit packing of the matrix's rows taken in blocks
+(pack_2bit_rows): packed[r, c] holds W[i*R + r, c] in bits 2i..2i+1, R = out/4.
 """
 
 import torch
@@ -59,3 +62,17 @@ def _values(codes, shape):
     if codes.numel() < n:
         raise ValueError(f"packed data holds {codes.numel()} values, {tuple(shape)} needs {n}")
     return codes.reshape(-1)[:n].view(torch.int8).sub_(1).view(*shape)
+
+
+def pack_2bit_rows(t: torch.Tensor) -> torch.Tensor:
+    """Ternary int8 (out, in) -> uint8 (out/4, in), row i*R + r in packed row r at bits 2i..2i+1
+    (R = out/4): pack_2bit of the matrix with each group of four row blocks interleaved."""
+    out, cols = t.shape
+    blocks = t.view(4, out // 4, cols).permute(1, 2, 0)  # (R, in, 4): the four values of a byte
+    return pack_2bit(blocks.contiguous()).view(out // 4, cols)
+
+
+def unpack_2bit_rows(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_2bit_rows: uint8 (out/4, in) -> int8 (out, in)."""
+    rows, cols = packed.shape
+    return unpack_2bit(packed.reshape(-1), (rows, cols, 4)).permute(2, 0, 1).reshape(4 * rows, cols)

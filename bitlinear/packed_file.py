@@ -36,15 +36,16 @@ bfloat16 and runs exactly through fbgemm's fp16 GEMM (bitlinear.inference.Linear
 """
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import torch
 
-from .layer import BitLinear
+from common import atomic_path
+
+from .inference import load_integer_state, shell_model, to_integer
+from .layer import BitLinear, activation_quant_int, ternarize
 from .pack import pack_2bit, pack_base3, unpack_2bit, unpack_base3
-from .quant import activation_quant_int, ternarize
 
 MAGIC = b"BITNET\x00\x01"
 FORMAT_VERSION = 3
@@ -135,14 +136,10 @@ def save_packed(model, path, arch, model_args, meta=None, packing="2bit", float_
     header = json.dumps({"arch": arch, "model_args": model_args, "meta": meta,
                          "float_dtype": float_dtype, "tensors": entries,
                          "aliases": aliases}).encode()
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(MAGIC + struct.pack("<IQ", FORMAT_VERSION, len(header)) + header)
         for blob in blobs:
             f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return json.loads(header)
 
 
@@ -209,3 +206,15 @@ def load_packed(path):
     for name, target in header["aliases"].items():
         state[name] = state[target]
     return header, state
+
+
+def load_integer_model(path, build):
+    """(the integer model, header) of a .bitnet file; build(arch, model_args) makes the model.
+
+    The model is built as a shell (shell_model) and takes the file's tensors as they are read:
+    no float copy of the ternary weights is ever made, so memory is what the integer model holds.
+    """
+    header, state = load_packed(path)
+    model = shell_model(lambda: to_integer(build(header["arch"], header["model_args"]),
+                                           quantize=False))
+    return load_integer_state(model, state), header

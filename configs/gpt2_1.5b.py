@@ -1,5 +1,4 @@
 # gpt2_1.5b: GPT-2 XL (48 layers, 25 heads, 1600 wide, 1024 tokens) on OpenWebText.
-# parameters: 1.56B | training memory: 66.9 GB (batch_size 12, bfloat16)
 # gpt2_124m.py's recipe with this shape and GPT-3's learning rate for the size.
 # Over 1B: FSDP shards weights and optimizer state across GPUs (--fsdp=True, see README).
 include("gpt2_124m.py")

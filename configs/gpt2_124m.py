@@ -1,5 +1,4 @@
 # gpt2_124m: GPT-2 small (12 layers, 12 heads, 768 wide, 1024 tokens) on OpenWebText.
-# parameters: 124M | training memory: 10 GB (batch_size 12, bfloat16)
 # nanoGPT's train_gpt2.py recipe: 12 x 1024 tokens x 40 accumulation steps = 491,520 tokens a
 # step, 600k steps (~300B tokens). On 8 GPUs:
 #   torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py

@@ -1,5 +1,4 @@
 # gpt2_350m: GPT-2 medium (24 layers, 16 heads, 1024 wide, 1024 tokens) on OpenWebText.
-# parameters: 354M | training memory: 21 GB (batch_size 12, bfloat16)
 # gpt2_124m.py's recipe with this shape and GPT-3's learning rate for the size.
 include("gpt2_124m.py")
 batch_size = 12

@@ -1,5 +1,4 @@
 # gpt2_774m: GPT-2 large (36 layers, 20 heads, 1280 wide, 1024 tokens) on OpenWebText.
-# parameters: 772M | training memory: 38.4 GB (batch_size 12, bfloat16)
 # gpt2_124m.py's recipe with this shape and GPT-3's learning rate for the size.
 include("gpt2_124m.py")
 batch_size = 12

@@ -1,5 +1,4 @@
 # gpt_200k: a GPT of 4 layers, width 64, on shakespeare_char.
-# parameters: 201k | training memory: 18.3 MB (batch_size 12, float32)
 # Everything else is train.py's default, as in gpt_800k.py: the same work for every small config.
 n_embd = 64
 out_dir = 'out-gpt_200k'

@@ -1,5 +1,4 @@
 # gpt_3m: a GPT of 4 layers, width 256, on shakespeare_char.
-# parameters: 3.17M | training memory: 119 MB (batch_size 12, float32)
 # Everything else is train.py's default, as in gpt_800k.py: the same work for every small config.
 n_embd = 256
 out_dir = 'out-gpt_3m'

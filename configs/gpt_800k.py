@@ -1,5 +1,4 @@
 # gpt_800k: a GPT of 4 layers, width 128, on shakespeare_char: nanoGPT's CPU recipe's model.
-# parameters: 0.80M | training memory: 44 MB (batch_size 12, float32)
 # Everything not set here is train.py's default (so this is plain `python train.py`): 4 layers,
 # 4 heads, 64 characters of context, batch 12, 2000 steps at learning rate 1e-3 (cosine):
 # minutes on a CPU. The small GPT and LLaMA configs differ only in arch and width, for the size

@@ -1,6 +1,5 @@
 # llama_1.3b: the BitNet b1.58 paper's 1.3B shape (24 layers, 2048 wide, MLP 5632, 32 heads).
 # (The paper's MLP width is 5460; 5632 is a multiple of 256, as GGUF export needs.)
-# parameters: 1.44B | training memory: 52 GB (batch_size 4, bfloat16)
 # llama_700m.py's recipe with this shape and the paper's learning rate; batch 4 x 128 steps.
 include("llama_700m.py")
 batch_size = 4

@@ -1,5 +1,4 @@
 # llama_3b: the BitNet b1.58 paper's 3B shape (26 layers, 3200 wide, MLP 8640, 32 heads).
-# parameters: 3.54B | training memory: 108 GB (batch_size 4, bfloat16)
 # More than one 80 GB GPU holds unsharded: train it with FSDP (--fsdp=True, see README).
 include("llama_700m.py")
 batch_size = 4

@@ -1,5 +1,4 @@
 # llama_3m: a 4-layer LLaMA (RMSNorm, RoPE, SwiGLU) of width 256, on shakespeare_char.
-# parameters: 3.25M | training memory: 137 MB (batch_size 12, float32)
 # Everything else is train.py's default (see gpt_800k.py): the same work as the small GPTs.
 arch = 'llama'
 n_embd = 256

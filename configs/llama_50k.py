@@ -1,5 +1,4 @@
 # llama_50k: a 3-layer LLaMA (RMSNorm, RoPE, SwiGLU) of width 32, on shakespeare_char.
-# parameters: 54k | training memory: 9.78 MB (batch_size 12, float32)
 # Everything else is train.py's default (see gpt_800k.py): the same work as the small GPTs.
 arch = 'llama'
 n_embd = 32

@@ -1,5 +1,4 @@
 # llama_700m: the BitNet b1.58 paper's 700M shape (24 layers, 1536 wide, MLP 4096, 16 heads).
-# parameters: 834M | training memory: 52.6 GB (batch_size 8, bfloat16)
 # The paper counts its 700M with a 32k vocabulary; GPT-2's 50304 tokens and an untied head add
 # the rest. 8 x 2048 tokens x 64 accumulation steps ~ 1M tokens a step, 100B tokens in all, on
 # OpenWebText (the paper used RedPajama); its learning rate, two-stage schedule and weight decay.

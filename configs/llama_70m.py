@@ -1,9 +1,8 @@
-# llama_70m: the BitNet-LLama-70M seed's model: a 12-layer LLaMA, 512 wide, on a Cosmopedia subset.
-# parameters: 71.4M | training memory: 12.3 GB (batch_size 16, bfloat16)
+# llama_70m: the BitNet-LLama-70M project's model: a 12-layer LLaMA, 512 wide, on Cosmopedia.
 # Tied embeddings and widths that are multiples of 256, so it exports to GGUF. 16 x 1024 tokens x
 # 32 accumulation steps = 524,288 tokens a step. Prepare the data first:
-#   python data/cosmopedia/prepare.py
-# then: python train.py configs/llama_70m.py (one GPU; wandb_log=True to log as the seed did).
+#   python -m data.cosmopedia.prepare
+# then: python train.py configs/llama_70m.py (one GPU; wandb_log=True to log as that project did).
 # The learning rate follows the b1.58 training tips for small models: high, in two stages.
 arch = 'llama'
 dataset = 'cosmopedia'

@@ -1,5 +1,4 @@
 # train_shakespeare_char: nanoGPT's shakespeare_char recipe, key for key (gpt_10m.py uses it).
-# parameters: 10.65M | training memory: 1.7 GB (batch_size 64, bfloat16)
 # nanoGPT's commands run here unchanged:
 #   python train.py configs/train_shakespeare_char.py                      # GPU: 10.65M params
 #   python train.py configs/train_shakespeare_char.py --device=cpu --compile=False \

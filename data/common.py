@@ -1,25 +1,32 @@
-"""What every data/<name>/prepare.py shares: fetching text, tokenizing it, writing the files.
+"""What every dataset script shares: fetching text, tokenizing it, writing the files. Each one
+runs from the repo root as a module, e.g.
+
+    python -m data.shakespeare_char.prepare
+    python -m data.text.prepare --input=my.txt --name=mydata
+    python -m data.cosmopedia.prepare --help    # every option, with its default
 
 A prepared dataset is a folder with train.bin and val.bin (token ids, back to back, in the dtype
 that meta.pkl names) and meta.pkl ({'vocab_size', 'tokenizer': 'char' or 'gpt2', 'dtype'}, plus
 'stoi'/'itos' for characters). Large corpora never sit in memory: documents are tokenized in
-batches and appended to the .bin files as they come.
+batches and appended to the .bin files as they come. Every file is written beside its final name
+and renamed over it (common.atomic_path), the .bin files and meta.pkl only once all are complete.
 """
 
 import codecs
 import multiprocessing
 import os
 import pickle
+import sys
 import urllib.request
 from collections import deque
-from contextlib import closing
+from contextlib import ExitStack, closing
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from configurator import UserError
+from common import UserError, atomic_path
 
 TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                        "tinyshakespeare/input.txt")
@@ -36,18 +43,17 @@ class DataError(UserError):
 
 
 def download(url, dest):
-    """Download url to dest with a progress bar (written to a temp name, then renamed)."""
+    """Download url to dest with a progress bar (written beside it, renamed over it when whole:
+    an interrupted download leaves no partial dest)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     print(f"downloading {url}\n         to {dest}")
-    with urllib.request.urlopen(url) as r, open(tmp, "wb") as f:
+    with atomic_path(dest) as tmp, urllib.request.urlopen(url) as r, open(tmp, "wb") as f:
         total = int(r.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
             while chunk := r.read(1 << 16):
                 f.write(chunk)
                 bar.update(len(chunk))
-    os.replace(tmp, dest)
 
 
 def tinyshakespeare_text(folder, input_path=None):
@@ -59,9 +65,10 @@ def tinyshakespeare_text(folder, input_path=None):
             try:
                 download(TINYSHAKESPEARE_URL, path)
             except OSError as e:
-                raise SystemExit(
-                    f"error: could not download Tiny Shakespeare ({e}); offline? put the text at "
-                    f"{path} or set {TINYSHAKESPEARE_ENV}=/path/input.txt") from None
+                raise DataError(
+                    f"could not download Tiny Shakespeare ({e}); offline? put the text at "
+                    f"{path}, pass --input=/path/input.txt or set "
+                    f"{TINYSHAKESPEARE_ENV}=/path/input.txt") from None
     return Path(path).read_text(encoding="utf-8")
 
 
@@ -73,7 +80,7 @@ def dtype_for(vocab_size):
 
 
 def char_meta(chars):
-    """meta for a one-token-per-character vocabulary (sample.py decodes with itos)."""
+    """meta for a one-token-per-character vocabulary (data.tokenizer.Tokenizer decodes it)."""
     return {"vocab_size": len(chars), "tokenizer": "char", "dtype": dtype_for(len(chars)),
             "stoi": {ch: i for i, ch in enumerate(chars)},
             "itos": {i: ch for i, ch in enumerate(chars)}}
@@ -86,10 +93,12 @@ def gpt2_meta(**extra):
 # ---- writing train.bin / val.bin ------------------------------------------------------------
 
 class BinFile:
-    """Token ids appended to one .bin file; counts what it wrote."""
+    """Token ids appended to one .bin file; counts what it wrote. name: the split, for progress
+    bars (path may be a temporary name)."""
 
-    def __init__(self, path, dtype):
+    def __init__(self, path, dtype, name=None):
         self.path, self.dtype, self.n = Path(path), np.dtype(dtype), 0
+        self.name = name or self.path.name.split(".")[0]
         self.f = open(self.path, "wb")
 
     def write(self, ids):
@@ -101,8 +110,9 @@ class BinFile:
 
 
 class DatasetWriter:
-    """Writes folder/{train,val}.bin through temporary .part files that replace the old files,
-    with meta.pkl, only when every split is complete: a failure halfway leaves no mixed dataset.
+    """Writes folder/{split}.bin and meta.pkl, each at a temporary name beside it
+    (common.atomic_path); they replace the old files only when every split is complete, so a
+    failure halfway leaves the old dataset (or, in a new folder, nothing), never a mixed one.
 
         with DatasetWriter(folder, meta) as out:
             out.split("train").write(ids)
@@ -110,29 +120,37 @@ class DatasetWriter:
 
     def __init__(self, folder, meta):
         self.folder, self.meta, self.files = Path(folder), meta, {}
+        self.stack = ExitStack()
 
     def __enter__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
+        # entered first, so renamed last: meta.pkl names the dtype of .bin files already in place
+        self.meta_tmp = self.stack.enter_context(atomic_path(self.folder / "meta.pkl"))
         return self
 
     def split(self, name):
-        self.files[name] = BinFile(self.folder / f"{name}.bin.part", self.meta["dtype"])
+        tmp = self.stack.enter_context(atomic_path(self.folder / f"{name}.bin"))
+        self.files[name] = BinFile(tmp, self.meta["dtype"], name)
         return self.files[name]
 
-    def __exit__(self, exc_type, *exc):
+    def _discard(self, *exc_info):
         for f in self.files.values():
             f.f.close()
+        self.stack.__exit__(*exc_info)  # deletes every temporary file not yet renamed
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()  # an empty folder would look like a dataset
+
+    def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
+            return self._discard(exc_type, exc, tb)
+        try:
             for f in self.files.values():
-                f.path.unlink(missing_ok=True)
-            if not any(self.folder.iterdir()):
-                self.folder.rmdir()  # an empty folder would look like a dataset
-            return
-        for name, f in self.files.items():
-            os.replace(f.path, self.folder / f"{name}.bin")
-        tmp = self.folder / "meta.pkl.part"
-        tmp.write_bytes(pickle.dumps(self.meta))
-        os.replace(tmp, self.folder / "meta.pkl")
+                f.f.close()
+            self.meta_tmp.write_bytes(pickle.dumps(self.meta))
+            self.stack.close()  # the renames, the .bin files first, meta.pkl last
+        except BaseException:
+            self._discard(*sys.exc_info())
+            raise
         counts = ", ".join(f"{name} has {f.n:,} tokens" for name, f in self.files.items())
         print(f"{self.folder}: {counts} ({self.meta['dtype']}, vocab_size "
               f"{self.meta['vocab_size']})")
@@ -195,7 +213,7 @@ def write_docs(docs, out, num_proc=1, max_tokens=0, total_bytes=None, eot=True, 
     one when eot. With max_tokens, stop after the document that reaches it (whole documents
     only). Returns the number of documents written."""
     n_docs = 0
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=out.path.name.split(".")[0])
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=out.name)
     with bar, closing(gpt2_batches(docs, num_proc, batch_docs, eot)) as batches:
         for ids, lengths, nbytes in batches:
             done = bool(max_tokens) and out.n + len(ids) >= max_tokens

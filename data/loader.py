@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configurator import ConfigError
+from common import ConfigError
+
+from .tokenizer import tokenizer_kind
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +53,7 @@ class Data:
             importlib.import_module(f"data.{cfg['dataset']}.prepare").prepare(self.folder)
         elif prepare_py.exists():
             raise ConfigError(f"dataset '{cfg['dataset']}' is not prepared in {self.folder}; "
-                              f"run: python {prepare_py.relative_to(REPO)}")
+                              f"run: python -m data.{cfg['dataset']}.prepare")
         else:
             raise ConfigError(f"no dataset '{cfg['dataset']}' in {self.folder.parent} and no "
                               f"data/{cfg['dataset']}/prepare.py to make it")
@@ -60,8 +62,7 @@ class Data:
     def val_bytes_per_token(self):
         """UTF-8 bytes of text per token of val.bin, to turn nats per token into bits per byte
         (which compares models across tokenizers); None when the tokenizer is unknown."""
-        meta = self.meta or {}
-        tokenizer = meta.get("tokenizer", "char" if "stoi" in meta else "gpt2")
+        meta, tokenizer = self.meta or {}, tokenizer_kind(self.meta)
         if tokenizer == "char":
             lengths = np.zeros(meta["vocab_size"], dtype=np.int64)
             for i, ch in meta["itos"].items():

@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitlinear import adamw, make_linear
-from generation import generate
+from bitlinear import make_linear
 
 
 @dataclass
@@ -118,7 +117,8 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) when no targets."""
+        """idx (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) when no targets.
+        cache: sample.py's KVCache, which holds the keys and values of the tokens before idx."""
         B, T = idx.size()
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -135,17 +135,6 @@ class GPT(nn.Module):
                                    ignore_index=-1)
             return logits, loss
         return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Extend idx (B, T) by max_new_tokens tokens, with a KV cache (see generation.py)."""
-        return generate(self, idx, max_new_tokens, temperature, top_k, generator)
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
-                             bit_lr_scale=1.0):
-        """AdamW; weight decay on the linears, not on norms, biases or embeddings."""
-        embeddings = (self.transformer.wte.weight, self.transformer.wpe.weight)
-        return adamw(self, weight_decay, learning_rate, betas, device_type, bit_lr_scale,
-                     no_decay=embeddings)
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), as in the PaLM appendix / nanoGPT."""

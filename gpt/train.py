@@ -1,14 +1,10 @@
-"""Train the GPT architecture: python gpt/train.py [config.py] [--key=value ...]
+"""Train the GPT architecture: python -m gpt.train [config.py] [--key=value ...]
 
-The same as `python train.py --arch=gpt`; the loop itself lives in the top-level train.py.
+The same as `python train.py --arch=gpt`: the loop itself is the top-level train.py.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, before gpt/
-
-import train  # noqa: E402
-
 if __name__ == "__main__":
+    if not __package__:  # python gpt/train.py: the repository root is not on the path
+        raise SystemExit("error: run it from the repository root as: python -m gpt.train ...")
+    import train
     train.main(arch="gpt")

@@ -14,7 +14,7 @@ weights with block scale d = 1, and the tensor's scale mean|W| = 1/s_w goes, exa
 '<name>.scale' tensor that llama.cpp multiplies the output by. A block never spans two rows, so
 every row length (n_embd, ffn_hidden) must be a multiple of 256. llama.cpp quantizes the inputs
 of those matmuls per 256-value block (Q8_K), not per token as we do, and keeps K and V in fp16:
-its logits are close to ours, not equal (README has the measured agreement). Float models
+its logits are close to ours, not equal (RESULTS.md has the agreement). Float models
 (bitlinear=False) are written with F16 (or F32) projections and no shape constraint.
 
 Tokenizer: GPT-2 BPE as 'gpt2' (tokens, merges), padded to vocab_size with unused tokens; a
@@ -22,14 +22,14 @@ character vocabulary as 'rwkv', llama.cpp's greedy longest-match tokenizer, whic
 one character each is exactly our one-token-per-character encoding.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bitlinear import ternarize
-from data.vocab import GPT2_EOT, char_tokens, gpt2_vocab, tokenizer_kind
+from common import atomic_path
+from data.tokenizer import GPT2_EOT, char_tokens, gpt2_vocab, tokenizer_kind
 from llama.hf import ExportError
 
 QK = 256  # values per TQ1_0 / TQ2_0 block
@@ -162,8 +162,7 @@ def save_gguf(model, args, meta, path, qtype="tq2_0", float_dtype="fp16", embed_
     embed_type = q.Q8_0 if embed_int8 else float_type
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(f"BitGPT {arch}")
         add_hparams(writer, args, arch)
@@ -173,7 +172,4 @@ def save_gguf(model, args, meta, path, qtype="tq2_0", float_dtype="fp16", embed_
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"arch": arch, "embed": embed_type.name}

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from bitlinear import ternarize
-from configurator import UserError
-from data.vocab import GPT2_EOT, char_tokens, gpt2_vocab, tokenizer_kind
+from bitlinear.pack import pack_2bit_rows, unpack_2bit_rows
+from common import UserError
+from data.tokenizer import GPT2_EOT, char_tokens, gpt2_vocab, tokenizer_kind
 
 # our state-dict names -> transformers', inside model.layers.N.
 LAYER_NAMES = {
@@ -53,17 +54,6 @@ def hf_key(key):
         return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{inner}weight"
     top, _, leaf = key.rpartition(".")
     return f"{TOP_NAMES[top]}.{leaf}"
-
-
-def pack_hf(t: torch.Tensor) -> torch.Tensor:
-    """Ternary int8 (out, in) -> transformers' packed uint8 (out/4, in)."""
-    v = (t + 1).to(torch.uint8).view(4, t.size(0) // 4, t.size(1))
-    return v[0] | v[1] << 2 | v[2] << 4 | v[3] << 6
-
-
-def unpack_hf(p: torch.Tensor) -> torch.Tensor:
-    """The inverse of pack_hf: uint8 (out/4, in) -> int8 (out, in) in {-1, 0, 1}."""
-    return torch.cat([(p >> 2 * i & 3).to(torch.int8) - 1 for i in range(4)])
 
 
 def check_exportable(args):
@@ -114,7 +104,7 @@ def hf_state(model, args, dtype):
         name = hf_key(key)
         if ternary and key.rsplit(".", 2)[-2] in LINEARS:
             t, s = ternarize(w)
-            out[name] = pack_hf(t)
+            out[name] = pack_2bit_rows(t)
             out[name + "_scale"] = s.reshape(1).to(dtype)  # (1,): transformers refuses a 0-d
         else:
             out[name] = w.to(dtype)
@@ -251,7 +241,7 @@ def load_hf(folder):
         if w.dtype == torch.uint8:  # packed ternary, with its weight_scale
             scale = tensors[name + "_scale"].float().reshape(())
             s = 1 / scale if quant.get("linear_class") == "autobitlinear" else scale
-            w = latent_weight(unpack_hf(w), s)
+            w = latent_weight(unpack_2bit_rows(w), s)
         state[key] = w.float()
     if args["tie_embeddings"]:
         state["output.weight"] = state["tok_embeddings.weight"]

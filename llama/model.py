@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitlinear import RMSNorm, adamw, make_linear
-from generation import generate
+from bitlinear import RMSNorm, make_linear, share_input
 
 
 @dataclass
@@ -78,6 +77,7 @@ class Attention(nn.Module):
         self.wv = linear(config.n_embd, config.n_kv_head * self.head_dim)
         self.sub_norm = RMSNorm(config.n_embd, config.norm_eps) if config.subln else None
         self.wo = linear(config.n_head * self.head_dim, config.n_embd)
+        share_input(self.wq, self.wk, self.wv)  # one quantization of x for all three
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
@@ -110,6 +110,7 @@ class MLP(nn.Module):
         self.w3 = linear(config.n_embd, config.ffn_hidden)  # up
         self.sub_norm = RMSNorm(config.ffn_hidden, config.norm_eps) if config.subln else None
         self.w2 = linear(config.ffn_hidden, config.n_embd)  # down
+        share_input(self.w1, self.w3)
         self.relu2 = config.mlp == "relu2"
         self.dropout = nn.Dropout(config.dropout)
 
@@ -166,7 +167,8 @@ class Llama(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) when no targets."""
+        """idx (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) when no targets.
+        cache: sample.py's KVCache, which holds the keys and values of the tokens before idx."""
         B, T = idx.size()
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -183,17 +185,6 @@ class Llama(nn.Module):
                                    ignore_index=-1)
             return logits, loss
         return self.output(x[:, [-1], :]), None  # inference: only the last position is needed
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Extend idx (B, T) by max_new_tokens tokens, with a KV cache (see generation.py)."""
-        return generate(self, idx, max_new_tokens, temperature, top_k, generator)
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
-                             bit_lr_scale=1.0):
-        """AdamW; weight decay on the linears (an untied head included), not on norms or the
-        embedding."""
-        return adamw(self, weight_decay, learning_rate, betas, device_type, bit_lr_scale,
-                     no_decay=(self.tok_embeddings.weight,))
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), as in the PaLM appendix / nanoGPT:

@@ -1,14 +1,10 @@
-"""Train the LLaMA architecture: python llama/train.py [config.py] [--key=value ...]
+"""Train the LLaMA architecture: python -m llama.train [config.py] [--key=value ...]
 
-The same as `python train.py --arch=llama`; the loop itself lives in the top-level train.py.
+The same as `python train.py --arch=llama`: the loop itself is the top-level train.py.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, before llama/
-
-import train  # noqa: E402
-
 if __name__ == "__main__":
+    if not __package__:  # python llama/train.py: the repository root is not on the path
+        raise SystemExit("error: run it from the repository root as: python -m llama.train ...")
+    import train
     train.main(arch="llama")

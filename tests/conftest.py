@@ -6,13 +6,11 @@ tiktoken cache in ../shared/tiktoken when TIKTOKEN_CACHE_DIR is not set.
 """
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
@@ -48,7 +46,7 @@ def data_dir(corpus, tmp_path_factory):
 @pytest.fixture
 def tiny_cfg(data_dir, tmp_path):
     """A resolved training config for a ~30k-parameter model that trains in seconds on CPU."""
-    from settings import DEFAULTS, resolve
+    from train import DEFAULTS, resolve
     cfg = dict(DEFAULTS, out_dir=str(tmp_path / "out"), data_dir=str(data_dir), device="cpu",
                compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
                max_iters=20, lr_decay_iters=20, warmup_iters=5, eval_interval=10, eval_iters=2,
@@ -69,8 +67,7 @@ def bpe_data_dir(corpus, tmp_path_factory):
 def train_llama(data_dir, tmp_path_factory):
     """train_llama(**overrides) -> out_dir of a small LLaMA trained on real text (once per set
     of overrides). Widths are multiples of 256, so the ternary model also fits GGUF's blocks."""
-    from settings import DEFAULTS, resolve
-    from train import Trainer
+    from train import DEFAULTS, resolve, train
     done = {}
 
     def run(**over):
@@ -82,7 +79,7 @@ def train_llama(data_dir, tmp_path_factory):
                        n_embd=256, ffn_hidden=256, block_size=64, batch_size=8, max_iters=80,
                        lr_decay_iters=80, warmup_iters=10, eval_interval=80, eval_iters=2,
                        log_interval=80, learning_rate=2e-3)
-            Trainer(resolve(dict(cfg, **over))).run()
+            train(resolve(dict(cfg, **over)))
             done[key] = out
         return done[key]
     return run

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from common import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 
 
 def good(path):
@@ -17,7 +17,7 @@ def test_round_trip_and_no_temp_files_left(tmp_path):
     path = tmp_path / "ckpt.pt"
     good(path)
     ckpt = load_checkpoint(path, arch="gpt")
-    assert ckpt["format_version"] == FORMAT_VERSION and torch.equal(ckpt["model"]["w"],
+    assert ckpt["format_version"] == CHECKPOINT_VERSION and torch.equal(ckpt["model"]["w"],
                                                                     torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -52,8 +52,8 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_newer_format_version(tmp_path):
     path = tmp_path / "ckpt.pt"
-    torch.save({"format_version": FORMAT_VERSION + 1, "model": {}, "model_args": {}}, path)
-    with pytest.raises(CheckpointError, match=f"format version {FORMAT_VERSION + 1}"):
+    torch.save({"format_version": CHECKPOINT_VERSION + 1, "model": {}, "model_args": {}}, path)
+    with pytest.raises(CheckpointError, match=f"format version {CHECKPOINT_VERSION + 1}"):
         load_checkpoint(path)
 
 
@@ -64,7 +64,7 @@ class Evil:
 
 def test_pickle_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "ckpt.pt"
-    torch.save({"format_version": FORMAT_VERSION, "model": Evil(), "model_args": {}}, path)
+    torch.save({"format_version": CHECKPOINT_VERSION, "model": Evil(), "model_args": {}}, path)
     with pytest.raises(CheckpointError, match="refused for safety"):
         load_checkpoint(path)
 
@@ -75,7 +75,7 @@ def test_missing_file_says_how_to_make_one(tmp_path):
 
 
 def test_weights_that_do_not_fit_the_model(tmp_path):
-    from checkpoint import model_from_checkpoint
+    from common import model_from_checkpoint
     path = tmp_path / "ckpt.pt"
     args = dict(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)
     save_checkpoint({"arch": "gpt", "model_args": args, "model": {"w": torch.ones(3)}}, path)

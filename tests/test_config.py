@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from configurator import ConfigError, parse_args
+from common import ConfigError, parse_args
 from tests.conftest import ROOT
 
 DEFAULTS = dict(learning_rate=1e-3, n_layer=4, compile="auto", device="auto", bitlinear=True,
@@ -47,7 +47,7 @@ def test_config_file_values_and_checks(tmp_path):
 
 
 def test_every_shipped_config_file_is_valid():
-    from settings import DEFAULTS as TRAIN_DEFAULTS
+    from train import DEFAULTS as TRAIN_DEFAULTS
     files = sorted((ROOT / "configs").glob("*.py"))
     assert files
     for f in files:
@@ -69,7 +69,7 @@ def test_cli_error_is_one_line_before_any_work():
 
 
 def test_help_lists_every_key_with_its_default():
-    from settings import DEFAULTS as TRAIN_DEFAULTS
+    from train import DEFAULTS as TRAIN_DEFAULTS
     r = run("train.py", "--help")
     assert r.returncode == 0
     for key, value in TRAIN_DEFAULTS.items():
@@ -77,8 +77,8 @@ def test_help_lists_every_key_with_its_default():
 
 
 def test_derived_settings_are_decided_after_overrides():
-    from settings import DEFAULTS as TRAIN_DEFAULTS
-    from settings import resolve
+    from train import DEFAULTS as TRAIN_DEFAULTS
+    from train import resolve
     cfg = resolve(parse_args(TRAIN_DEFAULTS, ["--device=cpu"]))
     assert cfg["dtype"] == "float32" and cfg["compile"] is False
     with pytest.raises(ConfigError, match="not divisible"):
@@ -88,10 +88,10 @@ def test_derived_settings_are_decided_after_overrides():
 
 
 def test_gradient_accumulation_must_divide_across_processes(monkeypatch):
-    from distributed import setup
-    from settings import DEFAULTS as TRAIN_DEFAULTS
+    from train import DEFAULTS as TRAIN_DEFAULTS
+    from train import setup_processes
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="3").items():
         monkeypatch.setenv(k, v)
     cfg = dict(TRAIN_DEFAULTS, gradient_accumulation_steps=4, backend="gloo")
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=4 does not divide across 3"):
-        setup(cfg)
+        setup_processes(cfg)

@@ -6,41 +6,48 @@ import sys
 import pytest
 import torch
 
-from configurator import ConfigError, config_facts, parse_args
-from models import build_model, model_args, training_memory
-from settings import DEFAULTS, resolve
+from bench import config_facts, config_table, size, training_memory
+from common import ConfigError, build_model, parse_args
 from tests.conftest import ROOT
-from train import get_lr, get_weight_decay
+from train import DEFAULTS, get_lr, get_weight_decay, resolve
 
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 
+# each config's parameter count and training memory (at its batch_size and dtype): the ladder's
+# promise, checked against what the code builds
+LADDER = {
+    "gpt_50k": (51.5e3, 8.45e6, "float32"), "gpt_200k": (201e3, 18.3e6, "float32"),
+    "gpt_800k": (0.80e6, 44e6, "float32"), "gpt_3m": (3.17e6, 119e6, "float32"),
+    "gpt_10m": (10.65e6, 1.7e9, "bfloat16"), "train_shakespeare_char": (10.65e6, 1.7e9, "bfloat16"),
+    "gpt2_124m": (124e6, 10e9, "bfloat16"), "gpt2_350m": (354e6, 21e9, "bfloat16"),
+    "gpt2_774m": (772e6, 38.4e9, "bfloat16"), "gpt2_1.5b": (1.56e9, 66.9e9, "bfloat16"),
+    "llama_50k": (54e3, 9.78e6, "float32"), "llama_1m": (0.87e6, 55.2e6, "float32"),
+    "llama_3m": (3.25e6, 137e6, "float32"), "llama_bitnet_5m": (4.74e6, 244e6, "float32"),
+    "llama_70m": (71.4e6, 12.3e9, "bfloat16"), "llama_700m": (834e6, 52.6e9, "bfloat16"),
+    "llama_1.3b": (1.44e9, 52e9, "bfloat16"), "llama_3b": (3.54e9, 108e9, "bfloat16"),
+}
 
-def load(path):
-    cfg = parse_args(DEFAULTS, [str(path)])
-    args = model_args(cfg["arch"], cfg)
-    args["vocab_size"] = 65 if cfg["dataset"] == "shakespeare_char" else 50304
-    return cfg, args
+
+def test_every_config_is_on_the_ladder():
+    assert sorted(p.stem for p in CONFIGS) == sorted(LADDER)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_config_builds_at_its_stated_size_and_memory(path):
-    facts = config_facts(path)
-    assert facts["params"] and facts["memory"], f"{path.name} states no size or memory"
-    cfg, args = load(path)
+def test_config_builds_at_its_size_and_memory(path):
+    params, memory, dtype = LADDER[path.stem]
+    cfg, args, n = config_facts(path)
     with torch.device("meta"):  # no memory, even for 3B parameters
-        n = build_model(cfg["arch"], args).get_num_params()
-    assert abs(n - facts["params"]) / n < 0.02, (n, facts["params_text"])
-    assert facts["setting"] == f"batch_size {cfg['batch_size']}, {facts['setting'].split(', ')[1]}"
-    dtype = facts["setting"].split(", ")[1]
+        assert build_model(cfg["arch"], args).get_num_params() == n
+    assert abs(n - params) / n < 0.02, (n, params)
     need = training_memory(cfg["arch"], args, cfg["batch_size"], dtype)
-    assert abs(need - facts["memory"]) / need < 0.02, (need / 1e9, facts["memory"] / 1e9)
+    assert abs(need - memory) / need < 0.02, (need / 1e9, memory / 1e9)
 
 
 def test_the_ladder_spans_50k_to_over_1b_for_both_archs():
     sizes = {}
     for path in CONFIGS:
-        arch = parse_args(DEFAULTS, [str(path)])["arch"]
-        sizes.setdefault(arch, []).append(config_facts(path)["params"])
+        cfg, _, n = config_facts(path)
+        sizes.setdefault(cfg["arch"], []).append(n)
     for arch in ("gpt", "llama"):
         assert 45e3 <= min(sizes[arch]) <= 60e3 and max(sizes[arch]) > 1e9, arch
 
@@ -68,11 +75,15 @@ def test_memory_estimate_counts_what_autograd_really_saves(arch):
 
 def test_list_configs_prints_every_config():
     r = subprocess.run([sys.executable, "train.py", "--list_configs"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     for path in CONFIGS:
         line = next(ln for ln in r.stdout.splitlines() if f"configs/{path.name} " in ln)
-        assert config_facts(path)["params_text"] in line
+        cfg, args, n = config_facts(path)
+        dtype = LADDER[path.stem][2]
+        memory = training_memory(cfg["arch"], args, cfg["batch_size"], dtype)
+        assert f" {cfg['arch']} " in line and f"{size(memory)} {dtype}" in line
+    assert r.stdout.strip() == config_table()
 
 
 def test_include_takes_another_files_keys(tmp_path):
@@ -110,12 +121,11 @@ def test_two_stage_schedules():
 
 
 def test_weight_decay_switch_off_reaches_the_optimizer(tiny_cfg):
-    from train import Trainer
-    trainer = Trainer(dict(tiny_cfg, wd_schedule="two_stage", warmup_iters=0,
+    from train import next_batch, start, train_step
+    trainer = start(dict(tiny_cfg, wd_schedule="two_stage", warmup_iters=0,
                            lr_decay_iters=4, max_iters=4))
     decays = []
     for _ in range(4):
-        trainer.next_batch()
-        trainer.step()
+        train_step(trainer, next_batch(trainer))
         decays.append(sorted({g["weight_decay"] for g in trainer.optimizer.param_groups}))
     assert decays == [[0.0, 0.1], [0.0, 0.1], [0.0], [0.0]]

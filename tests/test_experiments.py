@@ -1,12 +1,12 @@
-"""The experiment tools: sweep.py trains, tabulates, plots, skips and resumes a tiny grid;
-plot.py and weight_stats.py."""
+"""The experiment tools: tools/sweep.py trains, tabulates, plots, skips and resumes a tiny grid;
+tools/plot.py and tools/weight_stats.py."""
 
 import sys
 
 import pytest
 
-import sweep
-from metrics import read_metrics
+from tools import sweep
+from tools.plot import read_metrics
 
 TINY = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=16", "--batch_size=4",
         "--max_iters=6", "--lr_decay_iters=6", "--warmup_iters=1", "--eval_interval=3",
@@ -33,10 +33,10 @@ def test_sweep_trains_the_grid_then_skips_it(data_dir, tmp_path, monkeypatch):
     assert f"| gpt_50k | {params / 1e6:.3f}M |" in table and f"{gap:+.4f}" in table
     assert (root / "curves.png").stat().st_size > 10_000 and (root / "sizes.png").exists()
 
-    class NoTraining:  # a second run of the same command must not train again
-        def __init__(self, cfg):
-            raise AssertionError("trained again")
-    monkeypatch.setattr(sweep, "Trainer", NoTraining)
+    def no_training(*args, **kwargs):  # a second run of the same command must not train again
+        raise AssertionError("trained again")
+    monkeypatch.setattr(sweep, "start", no_training)
+    monkeypatch.setattr(sweep, "train", no_training)
     assert sweep.main(argv) == results
 
 
@@ -63,8 +63,8 @@ def test_sweep_errors_are_one_line(argv, message, tmp_path, capsys):
 
 
 def test_plot_errors(tmp_path, monkeypatch):
-    import plot
-    from configurator import ConfigError
+    from common import ConfigError
+    from tools import plot
     with pytest.raises(ConfigError, match="no metrics.jsonl in"):
         plot.plot_curves([tmp_path], tmp_path / "x.png")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -75,9 +75,8 @@ def test_plot_errors(tmp_path, monkeypatch):
 def test_weight_stats_counts_each_ternary_value(tmp_path):
     import torch
 
-    import weight_stats
-    from checkpoint import save_checkpoint
-    from models import build_model
+    from common import build_model, save_checkpoint
+    from tools import weight_stats
     args = dict(n_layer=1, n_head=2, n_embd=12, block_size=8, vocab_size=65)
     model = build_model("llama", args)  # every matrix's size divides by 6
     with torch.no_grad():  # mean|W| = 7/6: 3, -3, 0.1, 0.1, 0.4, 0.4 -> 1, -1, 0, 0, 0, 0

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from bitlinear import ternarize, to_integer
-from checkpoint import load_checkpoint, model_from_checkpoint
+from common import load_checkpoint, model_from_checkpoint
 from export import main as export_main
 from llama.gguf import ExportError, check_exportable, rope_pairs_adjacent
 from tests.test_hf import val_ids
 
 gguf = pytest.importorskip("gguf", reason="gguf-py is not installed: pip install -r "
-                           "requirements-export.txt (CI installs it)")
+                           "requirements-dev.txt (CI installs it)")
 
 BITNET = dict(subln=True, tie_embeddings=True)  # llama.cpp arch 'bitnet'
 LLAMA = dict()  # arch 'llama': untied head, grouped-query attention (n_kv_head=2)
@@ -29,7 +29,7 @@ TOP1, MAX_ERR = 0.95, 0.1
 
 def llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip "
-                               "install -r requirements-export.txt (CI builds it)")
+                               "install -r requirements-dev.txt (CI builds it)")
 
 
 def export_gguf(out, *args):
@@ -177,7 +177,7 @@ def test_unexportable_models_are_refused_in_one_line(train_llama):
 
 
 def test_bench_export_measures_every_file_and_path(train_llama, capsys):
-    from bench_export import main as bench_main
+    from tools.bench_export import main as bench_main
     llama_cpp()
     out = train_llama(**BITNET)
     r = bench_main([f"--ckpt={out / 'ckpt.pt'}", "--val_windows=2", "--prompt_tokens=8",

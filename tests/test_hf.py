@@ -17,16 +17,18 @@ import pytest
 import torch
 
 from bitlinear import to_integer
-from checkpoint import load_checkpoint, model_from_checkpoint
+from bitlinear.pack import pack_2bit_rows, unpack_2bit_rows
+from common import load_checkpoint, model_from_checkpoint
 from export import main as export_main
-from llama.hf import ExportError, check_exportable, pack_hf, unpack_hf
+from llama.hf import ExportError, check_exportable
+from sample import generate
 
 safetensors = pytest.importorskip("safetensors.torch", reason="safetensors is not installed: "
-                                  "pip install -r requirements-export.txt (CI installs it)")
+                                  "pip install -r requirements-dev.txt (CI installs it)")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed: "
-                                   "pip install -r requirements-export.txt (CI installs it)")
+                                   "pip install -r requirements-dev.txt (CI installs it)")
 pytest.importorskip("accelerate", reason="transformers needs accelerate to load bitnet models: "
-                    "pip install -r requirements-export.txt (CI installs it)")
+                    "pip install -r requirements-dev.txt (CI installs it)")
 
 MAX_ERR = 1e-5
 # name: (training overrides, the transformers class that must load it)
@@ -75,7 +77,7 @@ def test_transformers_computes_our_logits(train_llama, data_dir, variant):
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     prompt = ids[:, :16]
     with torch.no_grad():
-        ours_text = ours.generate(prompt, 32, temperature=0)
+        ours_text = generate(ours, prompt, 32, temperature=0)
     hf_text = run_hf(hf.generate, prompt, max_new_tokens=32, do_sample=False)
     assert torch.equal(hf_text, ours_text)
 
@@ -90,7 +92,7 @@ def test_packed_weights_are_the_ternary_weights_bit_for_bit(train_llama):
     t, s = ternarize(w)
     packed = tensors["model.layers.1.mlp.down_proj.weight"]
     assert packed.dtype == torch.uint8 and packed.shape == (w.size(0) // 4, w.size(1))
-    assert torch.equal(unpack_hf(packed), t)
+    assert torch.equal(unpack_2bit_rows(packed), t)
     assert tensors["model.layers.1.mlp.down_proj.weight_scale"].item() == s.item()
     assert "lm_head.weight" not in tensors  # tied: transformers takes embed_tokens
     assert torch.equal(tensors["model.embed_tokens.weight"], state["tok_embeddings.weight"])
@@ -99,8 +101,8 @@ def test_packed_weights_are_the_ternary_weights_bit_for_bit(train_llama):
 def test_packing_matches_transformers_own_packer():
     from transformers.integrations.bitnet import pack_weights
     t = torch.randint(-1, 2, (64, 24), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(pack_hf(t.to(torch.int8)), pack_weights(t.clone()))
-    assert torch.equal(unpack_hf(pack_hf(t.to(torch.int8))), t.to(torch.int8))
+    assert torch.equal(pack_2bit_rows(t.to(torch.int8)), pack_weights(t.clone()))
+    assert torch.equal(unpack_2bit_rows(pack_2bit_rows(t.to(torch.int8))), t.to(torch.int8))
 
 
 def test_char_tokenizer_and_pipeline(train_llama, data_dir):
@@ -116,7 +118,7 @@ def test_char_tokenizer_and_pipeline(train_llama, data_dir):
                  "ROMEO:", max_new_tokens=20, do_sample=False)[0]["generated_text"]
     ours = model_from_checkpoint(load_checkpoint(out / "ckpt.pt")).eval()
     with torch.no_grad():
-        ids = ours.generate(torch.tensor([[meta["stoi"][c] for c in "ROMEO:"]]), 20, temperature=0)
+        ids = generate(ours, torch.tensor([[meta["stoi"][c] for c in "ROMEO:"]]), 20, temperature=0)
     assert gen == "".join(meta["itos"][i] for i in ids[0].tolist())
 
 
@@ -137,13 +139,13 @@ def test_gpt2_tokenizer_matches_tiktoken(train_llama, bpe_data_dir, corpus):
                  "ROMEO:", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     ours = model_from_checkpoint(load_checkpoint(out / "ckpt.pt")).eval()
     with torch.no_grad():
-        ids = ours.generate(torch.tensor([enc.encode("ROMEO:")]), 8, temperature=0)
+        ids = generate(ours, torch.tensor([enc.encode("ROMEO:")]), 8, temperature=0)
     assert gen == enc.decode(ids[0].tolist())
 
 
 def test_unexportable_models_and_options_are_refused(tiny_cfg, tmp_path, capsys):
-    from train import Trainer
-    Trainer(dict(tiny_cfg, max_iters=2)).run()  # a GPT
+    from train import train
+    train(dict(tiny_cfg, max_iters=2))  # a GPT
     with pytest.raises(SystemExit, match="exports --arch=llama models"):
         export_main([f"--out_dir={tiny_cfg['out_dir']}", "--format=hf"])
     with pytest.raises(SystemExit, match="--embed_int8 is for --format=packed or gguf"):
@@ -174,9 +176,8 @@ def test_export_never_overwrites_a_folder_it_did_not_write(train_llama, tmp_path
 
 
 def test_import_back_gives_the_same_model_and_fine_tunes(train_llama, data_dir, tiny_cfg):
-    from checkpoint import load_init_weights
-    from models import build_model
-    from train import Trainer
+    from common import build_model, load_init_weights
+    from train import train
     out = train_llama(mlp="relu2", subln=True, tie_embeddings=True)
     export_main([f"--out_dir={out}", "--format=hf", f"--to={out}/hf_import"])
     args, state = load_init_weights(out / "hf_import", "llama")
@@ -194,9 +195,9 @@ def test_import_back_gives_the_same_model_and_fine_tunes(train_llama, data_dir, 
                                    atol=1e-4, rtol=0)
     # train.py starts a run from the folder as from the checkpoint: the same val loss at step 0
     cfg = dict(tiny_cfg, arch="llama", max_iters=0, eval_iters=2)
-    from_hf = Trainer(dict(cfg, init_from=str(out / "hf_import"))).run()["val"]
-    from_ckpt = Trainer(dict(cfg, init_from=str(out / "ckpt.pt"), out_dir=cfg["out_dir"] + "2")
-                        ).run()["val"]
+    from_hf = train(dict(cfg, init_from=str(out / "hf_import")))["val"]
+    from_ckpt = train(dict(cfg, init_from=str(out / "ckpt.pt"), out_dir=cfg["out_dir"] + "2")
+                        )["val"]
     assert abs(from_hf - from_ckpt) < 1e-4 and from_hf < 3.0  # trained, not a fresh init (4.2)
 
 

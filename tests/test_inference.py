@@ -7,19 +7,21 @@ import pytest
 import torch
 
 import bitlinear.inference as inference
-from bitlinear import BitLinear, TernaryLinear, activation_quant_int, int_matmul, to_integer
-from bitlinear.inference import (
-    Embedding8,
-    Embedding16,
-    Linear8,
-    Linear16,
-    SharedQuant,
-    fbgemm_fp16_exact,
+import bitlinear.kernels as kernels
+from bitlinear import (
+    BitLinear,
+    TernaryLinear,
+    activation_quant,
+    activation_quant_int,
+    int_matmul,
+    to_integer,
 )
-from bitlinear.quant import activation_quant
-from checkpoint import load_checkpoint, model_from_checkpoint
-from generation import generate
-from train import Trainer
+from bitlinear.fast import SharedInput
+from bitlinear.inference import Embedding8, Embedding16, Linear8, Linear16
+from bitlinear.kernels import fbgemm_fp16_exact
+from common import load_checkpoint, model_from_checkpoint
+from sample import generate
+from train import train
 
 # every model variant the integer path must handle: GQA, squared ReLU, sub-layer norms, tied and
 # untied heads, biases and the FAQ's inner BitLinear norm
@@ -36,7 +38,7 @@ def train_variant(tiny_cfg, variant, iters=30):
     """A tiny model of the variant trained a few steps on Tiny Shakespeare, in eval mode."""
     cfg = dict(tiny_cfg, **VARIANTS[variant], max_iters=iters, lr_decay_iters=iters,
                eval_interval=iters, learning_rate=3e-3)
-    Trainer(cfg).run()
+    train(cfg)
     return model_from_checkpoint(load_checkpoint(f"{cfg['out_dir']}/ckpt.pt")).eval()
 
 
@@ -68,7 +70,7 @@ needs_fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.suppo
 @needs_fbgemm
 @pytest.mark.parametrize("kernel", ["int_mm", "fbgemm"])
 def test_integer_gemm_is_exact_with_either_kernel(monkeypatch, kernel):
-    monkeypatch.setattr(inference, "CPU_KERNEL", kernel)
+    monkeypatch.setattr(kernels, "CPU_KERNEL", kernel)
     g = torch.Generator().manual_seed(0)
     # the worst case for float32 sums: every product at its largest, one sign
     for w_max, m, k, n in [(1, 33, 4096, 48), (1, 1, 768, 64), (127, 3, 1032, 40),
@@ -77,7 +79,7 @@ def test_integer_gemm_is_exact_with_either_kernel(monkeypatch, kernel):
         x[0] = -127
         w = torch.randint(-w_max, w_max + 1, (n, k), dtype=torch.int8, generator=g)
         w[0] = -w_max
-        gemm = inference.IntegerGemm(w_max)
+        gemm = kernels.IntegerGemm(w_max)
         assert gemm.fbgemm(x, w) == (kernel == "fbgemm" and 127 * w_max * k < 2**24)
         exact = x.long() @ w.long().t()
         assert exact[0, 0] == 127 * w_max * k
@@ -94,7 +96,7 @@ def test_both_kernels_give_identical_logits(tiny_cfg, variant, monkeypatch):
     idx = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(1))
     logits = {}
     for kernel in ("int_mm", "fbgemm"):
-        monkeypatch.setattr(inference, "CPU_KERNEL", kernel)
+        monkeypatch.setattr(kernels, "CPU_KERNEL", kernel)
         with torch.no_grad():
             logits[kernel] = model(idx, idx)[0]
     assert torch.equal(logits["int_mm"], logits["fbgemm"])
@@ -119,9 +121,9 @@ def test_siblings_quantize_their_shared_input_once(monkeypatch):
     x = torch.randn(2, 16)
     alone = [m(x) for m in layers]
     assert len(calls) == 3
-    shared = SharedQuant()
+    shared = SharedInput(inference.quantize_tokens, len(layers))
     for m in layers:
-        m.shared = shared
+        m.shared_input = shared
     calls.clear()
     for m, y in zip(layers, alone, strict=True):
         assert torch.equal(m(x), y)
@@ -132,15 +134,15 @@ def test_siblings_quantize_their_shared_input_once(monkeypatch):
 
 
 def test_to_integer_shares_llama_projections_only_without_inner_norms(tiny_cfg):
-    from models import build_model
+    from common import build_model
     llama = to_integer(build_model("llama", dict(n_layer=1, n_head=2, n_embd=16, vocab_size=8)))
     attn, mlp = llama.layers[0].attention, llama.layers[0].feed_forward
-    assert attn.wq.shared is attn.wk.shared is attn.wv.shared is not None
-    assert mlp.w1.shared is mlp.w3.shared is not None and mlp.w2.shared is None
-    assert attn.wo.shared is None and attn.wq.shared is not mlp.w1.shared
+    assert attn.wq.shared_input is attn.wk.shared_input is attn.wv.shared_input is not None
+    assert mlp.w1.shared_input is mlp.w3.shared_input is not None and mlp.w2.shared_input is None
+    assert attn.wo.shared_input is None and attn.wq.shared_input is not mlp.w1.shared_input
     normed = to_integer(build_model("llama", dict(n_layer=1, n_head=2, n_embd=16, vocab_size=8,
                                                   bit_norm=True)))
-    assert all(m.shared is None for m in normed.modules() if isinstance(m, TernaryLinear))
+    assert all(m.shared_input is None for m in normed.modules() if isinstance(m, TernaryLinear))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

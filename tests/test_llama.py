@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bitlinear import BitLinear, RMSNorm
-from generation import KVCache, generate
 from llama.model import Llama, LlamaConfig, apply_rotary_emb, precompute_rope
+from sample import KVCache, generate
 
 
 def tiny(**kw):
@@ -99,11 +99,11 @@ def test_kv_cache_generation_equals_uncached(kw):
 
 
 def test_loss_falls_on_real_data(tiny_cfg):
-    from train import Trainer
+    from train import train
     for bitlinear in (True, False):
         cfg = dict(tiny_cfg, arch="llama", bitlinear=bitlinear, max_iters=50, lr_decay_iters=50,
                    eval_interval=50, eval_iters=4, learning_rate=2e-3, n_kv_head=1)
-        first = Trainer(dict(cfg, max_iters=0)).run()
-        last = Trainer(cfg).run()
+        first = train(dict(cfg, max_iters=0))
+        last = train(cfg)
         assert first["val"] > 4.0
         assert last["val"] < first["val"] - 0.7, (bitlinear, first, last)

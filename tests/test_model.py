@@ -3,8 +3,9 @@
 import torch
 
 from bitlinear import BitLinear
-from generation import generate
 from gpt.model import GPT, GPTConfig
+from sample import generate
+from train import DEFAULTS, configure_optimizers
 
 
 def tiny(**kw):
@@ -51,7 +52,7 @@ def test_kv_cache_generation_equals_uncached():
 
 
 def test_kv_cache_logits_match_full_forward():
-    from generation import KVCache
+    from sample import KVCache
     model = tiny().eval()
     idx = torch.randint(0, 65, (1, 12))
     cache = KVCache(2, 16)
@@ -65,19 +66,20 @@ def test_kv_cache_logits_match_full_forward():
 def test_sampling_is_deterministic_for_a_generator_seed():
     model = tiny().eval()
     idx = torch.zeros(1, 1, dtype=torch.long)
-    runs = [model.generate(idx, 20, temperature=1.0, top_k=10,
-                           generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [generate(model, idx, 20, temperature=1.0, top_k=10,
+                     generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(*runs)
 
 
 def test_optimizer_groups():
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", bit_lr_scale=3.0)
+    cfg = dict(DEFAULTS, weight_decay=0.1, bit_lr_scale=3.0)
+    opt = configure_optimizers(model, cfg, "cpu")
     bit, no_decay = opt.param_groups  # a tied GPT has no float 2-D weights outside embeddings
     assert (bit["weight_decay"], bit["lr_scale"]) == (0.1, 3.0)
     assert (no_decay["weight_decay"], no_decay["lr_scale"]) == (0.0, 1.0)
     assert len(bit["params"]) == 2 * 4  # the attention and MLP linears
     ids = {id(p) for p in no_decay["params"]}
     assert id(model.transformer.wte.weight) in ids and id(model.transformer.wpe.weight) in ids
-    float_groups = tiny(bitlinear=False).configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", 3.0)
+    float_groups = configure_optimizers(tiny(bitlinear=False), cfg, "cpu")
     assert [g["lr_scale"] for g in float_groups.param_groups] == [1.0, 1.0]  # no BitLinear

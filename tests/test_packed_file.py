@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-from bench_inference import as_float
 from bitlinear import TernaryLinear, activation_quant_int, ternarize, to_integer
 from bitlinear.inference import Embedding8, Embedding16, Linear8, Linear16
 from bitlinear.packed_file import (
@@ -22,29 +21,40 @@ from bitlinear.packed_file import (
     round_float_tensors,
     save_packed,
 )
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, model_from_packed
-from configurator import ConfigError
+from common import (
+    CheckpointError,
+    ConfigError,
+    load_checkpoint,
+    load_model,
+    model_from_checkpoint,
+)
 from export import DEFAULTS, export
-from generation import generate
+from sample import generate
 from tests.conftest import ROOT
 from tests.test_inference import VARIANTS, assert_same_logits
-from train import Trainer
+from tools.bench_inference import as_float
+from train import train
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def model_from_packed(path):
+    """(integer model, header) of a .bitnet file, loaded as sample.py loads it."""
+    return load_model(path)[0], load_packed(path)[0]
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def trained(request, data_dir, tmp_path_factory):
     """(out_dir, model): a tiny model of each variant trained 30 steps on Tiny Shakespeare."""
-    from settings import DEFAULTS as TRAIN
-    from settings import resolve
+    from train import DEFAULTS as TRAIN
+    from train import resolve
     out = tmp_path_factory.mktemp(request.param)
     cfg = resolve({**TRAIN, **dict(out_dir=str(out), data_dir=str(data_dir), device="cpu",
                                    compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32,
                                    batch_size=8, max_iters=30, lr_decay_iters=30, warmup_iters=5,
                                    eval_interval=30, eval_iters=1, learning_rate=3e-3),
                    **VARIANTS[request.param]})
-    Trainer(cfg).run()
+    train(cfg)
     return out, model_from_checkpoint(load_checkpoint(out / "ckpt.pt")).eval()
 
 
@@ -217,8 +227,8 @@ def test_export_and_sample_from_the_command_line(trained):
 
 @SOME
 def test_bench_inference_runs_the_same_prompt_in_both_paths(trained, capsys):
-    from bench_inference import DEFAULTS as BENCH
-    from bench_inference import bench
+    from tools.bench_inference import DEFAULTS as BENCH
+    from tools.bench_inference import bench
     out, model = trained
     sizes, results = bench(dict(BENCH, ckpt=str(out / "ckpt.pt"), prompt_tokens=8,
                                 new_tokens=8, repeats=1, val_batches=1))
@@ -244,12 +254,12 @@ def test_bench_inference_runs_the_same_prompt_in_both_paths(trained, capsys):
 
 
 def test_float_models_are_not_exported(data_dir, tmp_path):
-    from settings import DEFAULTS as TRAIN
-    from settings import resolve
+    from train import DEFAULTS as TRAIN
+    from train import resolve
     cfg = resolve(dict(TRAIN, out_dir=str(tmp_path), data_dir=str(data_dir), device="cpu",
                        n_layer=1, n_head=1, n_embd=8, block_size=8, max_iters=1, eval_iters=1,
                        bitlinear=False))
-    Trainer(cfg).run()
+    train(cfg)
     with pytest.raises(ConfigError, match="float model"):
         export(dict(DEFAULTS, out_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="float_dtype 'int4' is not one of fp16, bf16, fp32"):

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configurator import run_cli
+from common import run_cli
 from data.common import EOT, char_boundary
+from data.tokenizer import tokenizer_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 EOT_TEXT = "<|endoftext|>"
@@ -100,32 +101,49 @@ def test_missing_datasets_package_is_one_line(script, monkeypatch):
     mod = importlib.import_module(f"data.{script}.prepare")
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
     with pytest.raises(SystemExit) as e:
-        run_cli(mod.DEFAULTS, mod.prepare, "prepare.py", argv=[])
-    assert e.value.code == (f"error: data/{script}/prepare.py needs the 'datasets' package: "
-                            f"pip install datasets")
+        run_cli(mod.SETTINGS, mod.prepare, "prepare.py", argv=[])
+    assert e.value.code == (f"error: python -m data.{script}.prepare needs the 'datasets' "
+                            f"package: pip install datasets")
 
 
 def test_missing_datasets_cli_has_no_traceback():
-    script = ROOT / "data" / "tinystories" / "prepare.py"
-    code = (f"import runpy, sys; sys.modules['datasets'] = None; sys.argv = ['{script}']; "
-            f"runpy.run_path('{script}', run_name='__main__')")
+    # as `python -m data.tinystories.prepare`, with `import datasets` failing
+    code = ("import runpy, sys; sys.modules['datasets'] = None; "
+            "runpy.run_module('data.tinystories.prepare', run_name='__main__', alter_sys=True)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        "error: data/tinystories/prepare.py needs the 'datasets' package: pip install datasets"]
+        "error: python -m data.tinystories.prepare needs the 'datasets' package: "
+        "pip install datasets"]
+
+
+@pytest.mark.parametrize("script", ["shakespeare_char", "shakespeare", "text", "tinystories",
+                                    "openwebtext", "cosmopedia"])
+def test_prepare_scripts_run_as_modules_with_help(script):
+    r = subprocess.run([sys.executable, "-m", f"data.{script}.prepare", "--help"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stderr == ""
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"usage: python -m data.{script}.prepare ")
+    settings = importlib.import_module(f"data.{script}.prepare").SETTINGS
+    for key, (default, text) in settings.items():
+        assert text and any(ln.strip().startswith(f"--{key}={default!r}") and ln.endswith(text)
+                            for ln in lines), key
 
 
 # ---- data/text/prepare.py: the user's own text ----------------------------------------------
 
 def prepare_text(path, name, data_dir, **cfg):
-    from data.text.prepare import DEFAULTS, prepare
-    return prepare(dict(DEFAULTS, input=str(path), name=name, data_dir=str(data_dir), **cfg))
+    from common import defaults
+    from data.text.prepare import SETTINGS, prepare
+    return prepare(dict(defaults(SETTINGS), input=str(path), name=name, data_dir=str(data_dir),
+                        **cfg))
 
 
 def decode_split(folder, split, enc=None):
     meta = read_meta(folder)
     ids = read(folder, split, meta["dtype"])
-    if meta["tokenizer"] == "gpt2":
+    if tokenizer_kind(meta) == "gpt2":
         return enc.decode(ids.tolist())
     return "".join(meta["itos"][int(i)] for i in ids)
 
@@ -178,7 +196,7 @@ def test_text_with_more_than_65536_characters_is_uint32(tmp_path):
     import torch
 
     from data.loader import Data
-    from settings import DEFAULTS, resolve
+    from train import DEFAULTS, resolve
     # every code point from U+0100 on (no surrogates), then the last ones (ids > 65535) again
     chars = [chr(c) for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c < 0xE000]
     text = "".join(chars) + "".join(chars[65536:]) * 40
@@ -202,8 +220,8 @@ def test_text_with_more_than_65536_characters_is_uint32(tmp_path):
 
 
 def test_train_on_prepared_text(corpus, enc, tiny_cfg, tmp_path):
-    from sample import Tokenizer
-    from train import Trainer
+    from data.tokenizer import Tokenizer
+    from train import start, train
     text = corpus.read_text(encoding="utf-8")[:50_000]
     (tmp_path / "small.txt").write_text(text, encoding="utf-8")
     for tokenizer, vocab_size in (("char", len(set(text))), ("gpt2", 50304)):
@@ -211,9 +229,9 @@ def test_train_on_prepared_text(corpus, enc, tiny_cfg, tmp_path):
         prepare_text(tmp_path / "small.txt", name, tmp_path, tokenizer=tokenizer)
         cfg = dict(tiny_cfg, data_dir=str(tmp_path), dataset=name, out_dir=str(tmp_path / name),
                    max_iters=2, lr_decay_iters=2, warmup_iters=1, eval_interval=2, eval_iters=1)
-        trainer = Trainer(cfg)
-        assert trainer.args["vocab_size"] == vocab_size
-        losses = trainer.run()
+        run = start(cfg)
+        assert run.args["vocab_size"] == vocab_size
+        losses = train(cfg, run)
         assert np.isfinite(losses["val"])
         tok = Tokenizer(read_meta(tmp_path / name))
         assert tok.decode(tok.encode("ROMEO: good night")) == "ROMEO: good night"
@@ -233,7 +251,7 @@ def test_train_on_prepared_text(corpus, enc, tiny_cfg, tmp_path):
      f"choose another --name"),
 ])
 def test_text_errors_are_one_line(setup, args, message, tmp_path):
-    from data.text.prepare import DEFAULTS, prepare
+    from data.text.prepare import SETTINGS, prepare
     if setup is not None:
         (tmp_path / "in.txt").write_bytes(setup)
     cfg = dict(input=str(tmp_path / "in.txt"), name="x", data_dir=str(tmp_path / "d")) | args
@@ -241,14 +259,14 @@ def test_text_errors_are_one_line(setup, args, message, tmp_path):
         cfg["input"] = str(tmp_path / args["input"])
     argv = [f"--{k}={v}" for k, v in cfg.items()]
     with pytest.raises(SystemExit) as e:
-        run_cli(DEFAULTS, prepare, "data/text/prepare.py", argv=argv)
+        run_cli(SETTINGS, prepare, "-m data.text.prepare", argv=argv)
     assert e.value.code == message.format(tmp=tmp_path)
     assert not (tmp_path / "d" / "x").exists()  # nothing half-written is left behind
 
 
 def test_text_cli_error_has_no_traceback(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"ab\x80c")
-    r = subprocess.run([sys.executable, "data/text/prepare.py", f"--input={tmp_path}/bad.txt",
+    r = subprocess.run([sys.executable, "-m", "data.text.prepare", f"--input={tmp_path}/bad.txt",
                         "--name=bad", f"--data_dir={tmp_path}"], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode == 1 and "Traceback" not in r.stderr

@@ -6,17 +6,17 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from train import Trainer
+from train import train
 
 
 @pytest.fixture(scope="module")
 def ckpt_dir(data_dir, tmp_path_factory):
-    from settings import DEFAULTS, resolve
+    from train import DEFAULTS, resolve
     out = tmp_path_factory.mktemp("sample_out")
     cfg = resolve(dict(DEFAULTS, out_dir=str(out), data_dir=str(data_dir), device="cpu",
                        n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=10,
                        eval_interval=10, eval_iters=1))
-    Trainer(cfg).run()
+    train(cfg)
     return out
 
 

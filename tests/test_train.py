@@ -7,23 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint
-from metrics import read_metrics
-from train import Trainer, get_lr
+from common import CheckpointError, load_checkpoint
+from tools.plot import read_metrics
+from train import get_lr, start, train
 
 
 def test_loss_falls_on_real_data(tiny_cfg):
     for bitlinear in (True, False):
         cfg = dict(tiny_cfg, bitlinear=bitlinear, max_iters=50, lr_decay_iters=50,
                    eval_interval=50, eval_iters=4, learning_rate=2e-3)
-        first = Trainer(dict(cfg, max_iters=0)).run()
-        last = Trainer(cfg).run()
+        first = train(dict(cfg, max_iters=0))
+        last = train(cfg)
         assert first["val"] > 4.0  # ~ln(65) at init
         assert last["val"] < first["val"] - 0.7, (bitlinear, first, last)
 
 
 def test_checkpoint_contents(tiny_cfg):
-    Trainer(tiny_cfg).run()
+    train(tiny_cfg)
     ckpt = load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt", arch="gpt")
     assert ckpt["iter_num"] == 20 and ckpt["arch"] == "gpt"
     assert ckpt["model_args"]["n_embd"] == 32 and ckpt["model_args"]["vocab_size"] == 65
@@ -44,13 +44,14 @@ def test_checkpoint_contents(tiny_cfg):
 
 def test_resume_continues_exactly(tiny_cfg, tmp_path):
     straight = dict(tiny_cfg, out_dir=str(tmp_path / "a"), max_iters=30, lr_decay_iters=30)
-    Trainer(straight).run()
+    train(straight)
     # stops at step 23, as if interrupted between evaluations (every 10) and logs (every 5)
     split = dict(straight, out_dir=str(tmp_path / "b"), max_iters=23)
-    Trainer(split).run()
-    resumed = Trainer(dict(split, max_iters=30, init_from="resume"))
+    train(split)
+    cfg = dict(split, max_iters=30, init_from="resume")
+    resumed = start(cfg)
     assert resumed.iter_num == 23
-    resumed.run()
+    train(cfg, resumed)
     a = load_checkpoint(tmp_path / "a" / "ckpt.pt")
     b = load_checkpoint(tmp_path / "b" / "ckpt.pt")
     assert a["iter_num"] == b["iter_num"] == 30
@@ -71,69 +72,71 @@ def test_lr_schedule():
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg):
     from train import TrainingError
-    Trainer(dict(tiny_cfg, max_iters=10)).run()
-    trainer = Trainer(dict(tiny_cfg, init_from="resume", always_save_checkpoint=True))
+    train(dict(tiny_cfg, max_iters=10))
+    cfg = dict(tiny_cfg, init_from="resume", always_save_checkpoint=True)
+    run = start(cfg)
     with torch.no_grad():
-        trainer.raw_model.lm_head.weight[0, 0] = float("nan")  # inject a divergence
+        run.raw_model.lm_head.weight[0, 0] = float("nan")  # inject a divergence
     with pytest.raises(TrainingError, match="loss became nan at step 1[05].*lower learning_rate"):
-        trainer.run()
+        train(cfg, run)
     ckpt = load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt")
     assert ckpt["iter_num"] == 10
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 def test_bad_data_and_out_dir_fail_before_training(tiny_cfg, tmp_path):
-    from configurator import ConfigError
+    from common import ConfigError
     short = tmp_path / "d" / "short"
     short.mkdir(parents=True)
     for split in ("train", "val"):
         (short / f"{split}.bin").write_bytes(b"\0\0" * 10)
     with pytest.raises(ConfigError, match="has 10 tokens, too few for block_size=32"):
-        Trainer(dict(tiny_cfg, data_dir=str(tmp_path / "d"), dataset="short"))
+        start(dict(tiny_cfg, data_dir=str(tmp_path / "d"), dataset="short"))
     with pytest.raises(ConfigError, match="no dataset 'nothing'"):
-        Trainer(dict(tiny_cfg, dataset="nothing"))
+        start(dict(tiny_cfg, dataset="nothing"))
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ConfigError, match="not writable"):
-        Trainer(dict(tiny_cfg, out_dir=str(blocker / "out"))).run()
+        train(dict(tiny_cfg, out_dir=str(blocker / "out")))
 
 
 def test_resume_on_a_dataset_with_another_vocabulary(tiny_cfg, tmp_path):
     import pickle
 
-    from configurator import ConfigError
-    Trainer(dict(tiny_cfg, max_iters=10)).run()
+    from common import ConfigError
+    train(dict(tiny_cfg, max_iters=10))
     other = tmp_path / "d" / "other"
     other.mkdir(parents=True)
     for split in ("train", "val"):
         (other / f"{split}.bin").write_bytes(b"\0\0" * 100)
     (other / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 70}))
     with pytest.raises(ConfigError, match=r"vocabulary \(65\) is not dataset 'other''s \(70\)"):
-        Trainer(dict(tiny_cfg, data_dir=str(tmp_path / "d"), dataset="other", init_from="resume"))
+        start(dict(tiny_cfg, data_dir=str(tmp_path / "d"), dataset="other", init_from="resume"))
 
 
 def test_fine_tuning_starts_a_new_run_from_trained_weights(tiny_cfg, tmp_path):
-    from configurator import ConfigError
-    from settings import resolve
-    Trainer(dict(tiny_cfg, max_iters=10)).run()
+    from common import ConfigError
+    from train import resolve
+    train(dict(tiny_cfg, max_iters=10))
     source = Path(tiny_cfg["out_dir"]) / "ckpt.pt"
     trained = load_checkpoint(source)
     tune = dict(tiny_cfg, out_dir=str(tmp_path / "tuned"), init_from=str(source), n_embd=64,
                 max_iters=12, lr_decay_iters=12, dropout=0.1)
-    trainer = Trainer(resolve(dict(tune)))
+    cfg = resolve(dict(tune))
+    trainer = start(cfg)
     assert trainer.iter_num == 0 and trainer.args["n_embd"] == 32  # the shape is the source's
     assert trainer.args["dropout"] == 0.1  # but dropout is this run's
     for k, v in trained["model"].items():
         assert torch.equal(trainer.raw_model.state_dict()[k], v), k
     assert all(not s for s in trainer.optimizer.state.values())  # a fresh AdamW
-    trainer.run()
+    train(cfg, trainer)
     tuned = load_checkpoint(tmp_path / "tuned" / "ckpt.pt")
     assert tuned["iter_num"] == 12 and tuned["val_loss"] < trained["val_loss"]
     assert load_checkpoint(source)["iter_num"] == 10  # the source is left as it was
     with pytest.raises(ConfigError, match="this run's own checkpoint.*--init_from=resume"):
         resolve(dict(tiny_cfg, init_from=str(source)))
     with pytest.raises(CheckpointError, match="holds a 'gpt' model, not 'llama'"):
-        Trainer(resolve(dict(tune, arch="llama", n_embd=32)))
+        start(resolve(dict(tune, arch="llama", n_embd=32)))
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
@@ -157,7 +160,7 @@ def test_signal_saves_and_exits_cleanly(tiny_cfg, sig):
     assert f"{sig}: saved" in out and "--init_from=resume" in out
     step = load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt")["iter_num"]
     assert 5 <= step < 100000
-    resumed = Trainer(dict(tiny_cfg, init_from="resume", max_iters=step + 1))
+    resumed = start(dict(tiny_cfg, init_from="resume", max_iters=step + 1))
     assert resumed.iter_num == step
 
 
@@ -189,7 +192,7 @@ def test_a_signal_cuts_an_evaluation_short(tiny_cfg):
 
 def test_max_time_ends_cleanly_with_a_checkpoint(tiny_cfg):
     # a one-batch evaluation: the budget must not go to the step-0 evaluation on a busy machine
-    Trainer(dict(tiny_cfg, max_iters=10**6, max_time=2.0, eval_iters=1)).run()
+    train(dict(tiny_cfg, max_iters=10**6, max_time=2.0, eval_iters=1))
     step = load_checkpoint(f"{tiny_cfg['out_dir']}/ckpt.pt")["iter_num"]
     assert 0 < step < 10**6
 
@@ -221,7 +224,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tiny_cfg):
         proc.wait()
         steps.append(load_checkpoint(ckpt_path)["iter_num"])  # loadable, whatever the moment
     assert steps == sorted(steps) and steps[-1] > 3  # each run resumed where the last one died
-    assert Trainer(dict(tiny_cfg, init_from="resume")).iter_num == steps[-1]
+    assert start(dict(tiny_cfg, init_from="resume")).iter_num == steps[-1]
 
 
 def test_wandb_gets_the_same_records(tiny_cfg, monkeypatch):
@@ -232,7 +235,7 @@ def test_wandb_gets_the_same_records(tiny_cfg, monkeypatch):
         log=lambda record, step: calls.append(("log", step, record)),
         finish=lambda: calls.append(("finish",)))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    Trainer(dict(tiny_cfg, wandb_log=True, wandb_project="p", wandb_run_name="r")).run()
+    train(dict(tiny_cfg, wandb_log=True, wandb_project="p", wandb_run_name="r"))
     assert calls[0][0] == "init" and calls[0][1]["project"] == "p" and calls[0][1]["name"] == "r"
     assert calls[-1] == ("finish",)
     logged = [c[2] for c in calls if c[0] == "log"]
@@ -240,17 +243,17 @@ def test_wandb_gets_the_same_records(tiny_cfg, monkeypatch):
 
 
 def test_wandb_missing_is_one_clear_line(tiny_cfg, monkeypatch):
-    from configurator import ConfigError
+    from common import ConfigError
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(ConfigError, match="needs the 'wandb' package: pip install wandb"):
-        Trainer(dict(tiny_cfg, wandb_log=True)).run()
+        train(dict(tiny_cfg, wandb_log=True))
 
 
 def test_mfu_is_logged_against_the_device_peak(tiny_cfg, monkeypatch):
-    import train
-    monkeypatch.setattr(train, "peak_flops", lambda device: (1e12, "test"))
-    trainer = Trainer(tiny_cfg)
-    trainer.run()
+    import train as train_module
+    monkeypatch.setattr(train_module, "peak_flops", lambda device: (1e12, "test"))
+    trainer = start(tiny_cfg)
+    train(tiny_cfg, trainer)
     logs = [m for m in read_metrics(tiny_cfg["out_dir"]) if "loss" in m]
     per_token = trainer.raw_model.flops_per_token()
     for m in logs:

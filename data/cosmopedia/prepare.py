@@ -1,9 +1,9 @@
 """A subset of Cosmopedia (HuggingFaceTB/cosmopedia) in GPT-2 BPE tokens: train.bin, val.bin
 (uint16), meta.pkl. BitNet-LLama-70M was trained on a subset of it.
 
-    python data/cosmopedia/prepare.py --subset=stories --max_docs=100000 [--num_proc=8]
-    python data/cosmopedia/prepare.py --subset=wikihow --max_docs=0      # the whole subset
-    python data/cosmopedia/prepare.py --max_tokens=500_000_000           # a token budget
+    python -m data.cosmopedia.prepare --subset=stories --max_docs=100000 [--num_proc=8]
+    python -m data.cosmopedia.prepare --subset=wikihow --max_docs=0      # the whole subset
+    python -m data.cosmopedia.prepare --max_tokens=500_000_000           # a token budget
 
 Synthetic textbooks, blog posts, stories and WikiHow articles written by Mixtral-8x7B-Instruct:
 ~25B tokens in 31M documents over 8 subsets (documents, parquet download): stories 4.99M (11.9 GB),
@@ -16,14 +16,11 @@ Needs `pip install datasets`.
 """
 
 import os
-import sys
 from itertools import islice
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `data.common`
-
-from configurator import run_cli  # noqa: E402
-from data.common import (  # noqa: E402
+from common import defaults, run_cli
+from data.common import (
     DataError,
     DatasetWriter,
     gpt2_meta,
@@ -37,14 +34,15 @@ HERE = Path(__file__).parent
 HF_NAME = "HuggingFaceTB/cosmopedia"
 SUBSETS = ("stories", "web_samples_v1", "web_samples_v2", "auto_math_text", "stanford",
            "wikihow", "openstax", "khanacademy")
-DEFAULTS = dict(
-    subset="stories",
-    max_docs=100_000,  # train documents; 0 reads the whole subset
-    max_tokens=0,  # train tokens, stopping after the document that reaches it; 0: no limit
-    val_docs=1000,
-    num_proc=max(1, (os.cpu_count() or 2) // 2),  # tokenizer processes
-    out=str(HERE),
-)
+SETTINGS = {
+    "subset": ("stories", f"the Cosmopedia subset: {', '.join(SUBSETS)}"),
+    "max_docs": (100_000, "train documents; 0 reads the whole subset"),
+    "max_tokens": (0, "train tokens, stopping after the document that reaches it; 0: no limit"),
+    "val_docs": (1000, "the first documents of the stream, which become val.bin"),
+    "num_proc": (max(1, (os.cpu_count() or 2) // 2), "tokenizer processes"),
+    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.pkl"),
+}
+DEFAULTS = defaults(SETTINGS)
 
 
 def write(docs, out, val_docs=1000, max_docs=0, max_tokens=0, num_proc=1, subset=""):
@@ -62,7 +60,7 @@ def prepare(cfg):
         raise DataError(f"subset '{cfg['subset']}' is not one of {', '.join(SUBSETS)}")
     if min(cfg["val_docs"], cfg["max_docs"], cfg["max_tokens"]) < 0 or cfg["val_docs"] == 0:
         raise DataError("val_docs must be positive; max_docs and max_tokens >= 0 (0: no limit)")
-    datasets = require_datasets("data/cosmopedia/prepare.py")
+    datasets = require_datasets("python -m data.cosmopedia.prepare")
     limits = [f"{cfg['max_docs']:,} documents"] if cfg["max_docs"] else []
     limits += [f"{cfg['max_tokens']:,} tokens"] if cfg["max_tokens"] else []
     print(f"Cosmopedia: streaming {HF_NAME} subset '{cfg['subset']}' from the HuggingFace hub "
@@ -75,4 +73,4 @@ def prepare(cfg):
 
 
 if __name__ == "__main__":
-    run_cli(DEFAULTS, prepare, "data/cosmopedia/prepare.py", __doc__)
+    run_cli(SETTINGS, prepare, "-m data.cosmopedia.prepare", __doc__)

@@ -1,6 +1,6 @@
 """OpenWebText in GPT-2 BPE tokens, as nanoGPT prepares it: train.bin, val.bin (uint16), meta.pkl.
 
-    python data/openwebtext/prepare.py [--num_proc=8] [--out=data/openwebtext]
+    python -m data.openwebtext.prepare [--num_proc=8] [--out=data/openwebtext]
 
 An open copy of the web text GPT-2 was trained on (Gokaslan & Cohen, 2019): 8,013,769 documents.
 The download fills ~54 GB of HuggingFace cache (~/.cache/huggingface); 0.05% of the documents
@@ -11,20 +11,19 @@ copy still needs its script.
 """
 
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `data.common`
-
-from configurator import run_cli  # noqa: E402
-from data.common import hf_num_bytes, hf_texts, load_hf, require_datasets, write_gpt2_splits  # noqa: E402
+from common import defaults, run_cli
+from data.common import hf_num_bytes, hf_texts, load_hf, require_datasets, write_gpt2_splits
 
 HERE = Path(__file__).parent
-DEFAULTS = dict(
-    num_proc=max(1, (os.cpu_count() or 2) // 2),  # tokenizer (and download) processes
-    hf_name="Skylion007/openwebtext",
-    out=str(HERE),
-)
+SETTINGS = {
+    "num_proc": (max(1, (os.cpu_count() or 2) // 2), "tokenizer (and download) processes"),
+    "hf_name": ("Skylion007/openwebtext", "the HuggingFace hub dataset to read (a parquet copy "
+                                          "works)"),
+    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.pkl"),
+}
+DEFAULTS = defaults(SETTINGS)
 VAL_FRACTION, SEED = 0.0005, 2357  # nanoGPT's split: ~4,000 documents for validation
 
 
@@ -35,7 +34,7 @@ def write(train_docs, val_docs, out, num_proc=1, total_bytes=None):
 
 
 def prepare(cfg):
-    datasets = require_datasets("data/openwebtext/prepare.py")
+    datasets = require_datasets("python -m data.openwebtext.prepare")
     print(f"OpenWebText: downloading {cfg['hf_name']} (8M documents, ~54 GB of HuggingFace "
           f"cache), then writing ~17 GB of GPT-2 tokens (~9B) to {cfg['out']}")
     ds = load_hf(datasets, cfg["hf_name"], num_proc=cfg["num_proc"])["train"]
@@ -46,4 +45,4 @@ def prepare(cfg):
 
 
 if __name__ == "__main__":
-    run_cli(DEFAULTS, prepare, "data/openwebtext/prepare.py", __doc__)
+    run_cli(SETTINGS, prepare, "-m data.openwebtext.prepare", __doc__)

@@ -1,27 +1,34 @@
 """Tiny Shakespeare (1.1 MB) in GPT-2 BPE tokens (tiktoken): train.bin, val.bin (uint16), meta.pkl.
 
-    python data/shakespeare/prepare.py [--input=path/to/input.txt] [--out=folder]
+    python -m data.shakespeare.prepare [--input=path/to/input.txt] [--out=folder]
+
+train.py prepares it on its own when --dataset=shakespeare is not there yet.
 """
 
-import sys
 from pathlib import Path
 
-import tiktoken
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `data.common`
-
-from data.common import gpt2_meta, tinyshakespeare_text, write_splits  # noqa: E402
+from common import run_cli
+from data.common import TINYSHAKESPEARE_ENV, gpt2_meta, tinyshakespeare_text, write_splits
 
 HERE = Path(__file__).parent
+SETTINGS = {
+    "input": ("", f"the Tiny Shakespeare text; empty: ${TINYSHAKESPEARE_ENV}, else "
+                  f"<out>/input.txt, downloaded when missing"),
+    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.pkl"),
+}
 
 
 def prepare(out=HERE, input_path=None):
+    import tiktoken
     text = tinyshakespeare_text(out, input_path)
     enc = tiktoken.get_encoding("gpt2")
     n = int(len(text) * 0.9)  # split the text, not the tokens, as nanoGPT does
     write_splits(enc.encode_ordinary(text[:n]), enc.encode_ordinary(text[n:]), out, gpt2_meta())
 
 
+def main(cfg):
+    prepare(Path(cfg["out"]), cfg["input"] or None)
+
+
 if __name__ == "__main__":
-    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-    prepare(Path(args.get("out", HERE)), args.get("input"))
+    run_cli(SETTINGS, main, "-m data.shakespeare.prepare", __doc__)

@@ -1,16 +1,21 @@
 """Tiny Shakespeare, one token per character: train.bin, val.bin (uint16) and meta.pkl (1.1 MB).
 
-    python data/shakespeare_char/prepare.py [--input=path/to/input.txt] [--out=folder]
+    python -m data.shakespeare_char.prepare [--input=path/to/input.txt] [--out=folder]
+
+train.py prepares it on its own when --dataset=shakespeare_char is not there yet.
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `data.common`
-
-from data.common import char_meta, tinyshakespeare_text, write_splits  # noqa: E402
+from common import run_cli
+from data.common import TINYSHAKESPEARE_ENV, char_meta, tinyshakespeare_text, write_splits
 
 HERE = Path(__file__).parent
+SETTINGS = {
+    "input": ("", f"the Tiny Shakespeare text; empty: ${TINYSHAKESPEARE_ENV}, else "
+                  f"<out>/input.txt, downloaded when missing"),
+    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.pkl"),
+}
 
 
 def prepare(out=HERE, input_path=None):
@@ -22,6 +27,9 @@ def prepare(out=HERE, input_path=None):
     write_splits(ids[:n], ids[n:], out, meta)
 
 
+def main(cfg):
+    prepare(Path(cfg["out"]), cfg["input"] or None)
+
+
 if __name__ == "__main__":
-    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-    prepare(Path(args.get("out", HERE)), args.get("input"))
+    run_cli(SETTINGS, main, "-m data.shakespeare_char.prepare", __doc__)

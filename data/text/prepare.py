@@ -1,7 +1,7 @@
 """Your own text as a dataset: data/<name>/{train,val}.bin and meta.pkl, for --dataset=<name>.
 
-    python data/text/prepare.py --input=my.txt --tokenizer=char --name=mydata
-    python data/text/prepare.py --input=big.txt --tokenizer=gpt2 --name=big --num_proc=4
+    python -m data.text.prepare --input=my.txt --tokenizer=char --name=mydata
+    python -m data.text.prepare --input=big.txt --tokenizer=gpt2 --name=big --num_proc=4
     python train.py --dataset=mydata
 
 Any UTF-8 file that fits on disk: it is read in chunks of chunk_size bytes, never whole. The last
@@ -15,15 +15,12 @@ val_fraction of the file (cut at a character boundary) becomes val.bin, the rest
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `data.common`
-
-from configurator import run_cli  # noqa: E402
-from data.common import (  # noqa: E402
+from common import defaults, run_cli
+from data.common import (
     DataError,
     DatasetWriter,
     char_boundary,
@@ -32,17 +29,19 @@ from data.common import (  # noqa: E402
     read_utf8,
     write_docs,
 )
+from data.tokenizer import KINDS as TOKENIZERS
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULTS = dict(
-    input="",  # the text file
-    tokenizer="char",  # char or gpt2
-    name="",  # the dataset's folder name: train with --dataset=<name>
-    val_fraction=0.1,  # the tail of the file that becomes val.bin
-    data_dir=str(REPO / "data"),  # where <name>/ goes (train.py's --data_dir)
-    num_proc=max(1, (os.cpu_count() or 2) // 2),  # gpt2 tokenizer processes
-    chunk_size=1 << 20,  # bytes read at a time
-)
+SETTINGS = {
+    "input": ("", "the text file (UTF-8)"),
+    "tokenizer": ("char", f"{' or '.join(TOKENIZERS)}"),
+    "name": ("", "the dataset's folder name: train with --dataset=<name>"),
+    "val_fraction": (0.1, "the tail of the file that becomes val.bin"),
+    "data_dir": (str(REPO / "data"), "where <name>/ goes (train.py's --data_dir)"),
+    "num_proc": (max(1, (os.cpu_count() or 2) // 2), "gpt2 tokenizer processes"),
+    "chunk_size": (1 << 20, "bytes read at a time"),
+}
+DEFAULTS = defaults(SETTINGS)
 
 
 def check(cfg):
@@ -64,7 +63,7 @@ def check(cfg):
     if (folder / "prepare.py").exists():
         raise DataError(f"'{name}' is a built-in dataset ({folder / 'prepare.py'}); choose "
                         f"another --name")
-    if cfg["tokenizer"] not in ("char", "gpt2"):
+    if cfg["tokenizer"] not in TOKENIZERS:
         raise DataError(f"tokenizer must be 'char' or 'gpt2', got {cfg['tokenizer']!r}")
     if not 0 < cfg["val_fraction"] < 1:
         raise DataError(f"val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
@@ -151,4 +150,4 @@ def prepare(cfg):
 
 
 if __name__ == "__main__":
-    run_cli(DEFAULTS, prepare, "data/text/prepare.py", __doc__)
+    run_cli(SETTINGS, prepare, "-m data.text.prepare", __doc__)

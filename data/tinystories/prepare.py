@@ -1,6 +1,6 @@
 """TinyStories (roneneldan/TinyStories) in GPT-2 BPE tokens: train.bin, val.bin (uint16), meta.pkl.
 
-    python data/tinystories/prepare.py [--num_proc=8] [--out=data/tinystories]
+    python -m data.tinystories.prepare [--num_proc=8] [--out=data/tinystories]
 
 Short stories in simple English written by GPT-3.5/GPT-4 (Eldan & Li, 2023): 2,119,719 training
 and about 22,000 validation stories, 1.9 GB of text. The download is about 1 GB of parquet files
@@ -9,20 +9,18 @@ val.bin. Expect roughly 0.5B tokens (~1 GB train.bin). Needs `pip install datase
 """
 
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `data.common`
-
-from configurator import run_cli  # noqa: E402
-from data.common import hf_num_bytes, hf_texts, load_hf, require_datasets, write_gpt2_splits  # noqa: E402
+from common import defaults, run_cli
+from data.common import hf_num_bytes, hf_texts, load_hf, require_datasets, write_gpt2_splits
 
 HERE = Path(__file__).parent
 HF_NAME = "roneneldan/TinyStories"
-DEFAULTS = dict(
-    num_proc=max(1, (os.cpu_count() or 2) // 2),  # tokenizer processes
-    out=str(HERE),
-)
+SETTINGS = {
+    "num_proc": (max(1, (os.cpu_count() or 2) // 2), "tokenizer (and download) processes"),
+    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.pkl"),
+}
+DEFAULTS = defaults(SETTINGS)
 
 
 def write(train_docs, val_docs, out, num_proc=1, total_bytes=None):
@@ -32,7 +30,7 @@ def write(train_docs, val_docs, out, num_proc=1, total_bytes=None):
 
 
 def prepare(cfg):
-    datasets = require_datasets("data/tinystories/prepare.py")
+    datasets = require_datasets("python -m data.tinystories.prepare")
     print(f"TinyStories: downloading {HF_NAME} (~1 GB of parquet, 2.1M stories) into the "
           f"HuggingFace cache, then writing ~1 GB of GPT-2 tokens to {cfg['out']}")
     ds = load_hf(datasets, HF_NAME, num_proc=cfg["num_proc"])
@@ -42,4 +40,4 @@ def prepare(cfg):
 
 
 if __name__ == "__main__":
-    run_cli(DEFAULTS, prepare, "data/tinystories/prepare.py", __doc__)
+    run_cli(SETTINGS, prepare, "-m data.tinystories.prepare", __doc__)

@@ -1,7 +1,7 @@
 """How a trained model's ternary weights fall: the share of -1, 0 and +1 in every BitLinear.
 
-    python weight_stats.py --ckpt=out/ckpt.pt
-    python weight_stats.py --ckpt=out/ckpt.pt --plot=assets/ternary_share.png
+    python -m tools.weight_stats --ckpt=out/ckpt.pt
+    python -m tools.weight_stats --ckpt=out/ckpt.pt --plot=assets/ternary_share.png
 
 The zeros are what the b1.58 paper calls feature filtering: a 0 weight drops its input from that
 output, which 1-bit (+-1) weights cannot do. The scale is s = 1/mean|W| of the latent weights.
@@ -10,10 +10,13 @@ output, which 1-bit (+-1) weights cannot do. The scale is s = 1/mean|W| of the l
 import torch
 
 from bitlinear import BitLinear, ternarize
-from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import ConfigError, run_cli
+from common import ConfigError, defaults, load_checkpoint, model_from_checkpoint, run_cli
 
-DEFAULTS = dict(ckpt="out/ckpt.pt", plot="")  # plot: a PNG path to draw the shares to
+SETTINGS = dict(
+    ckpt=("out/ckpt.pt", "the training checkpoint whose ternary weights to count"),
+    plot=("", "a PNG path to draw the shares to; empty: print only"),
+)
+DEFAULTS = defaults(SETTINGS)
 
 
 def ternary_shares(model):
@@ -28,7 +31,7 @@ def ternary_shares(model):
 
 
 def plot_shares(rows, path):
-    from plot import pyplot, save
+    from tools.plot import pyplot, save
     plt = pyplot()
     names = [r[0] for r in rows]
     fig, ax = plt.subplots(figsize=(10, max(3, 0.22 * len(rows))))
@@ -62,7 +65,7 @@ def stats(cfg):
 
 
 def main(argv=None):
-    return run_cli(DEFAULTS, stats, "weight_stats.py", __doc__, argv)
+    return run_cli(SETTINGS, stats, "-m tools.weight_stats", __doc__, argv)
 
 
 if __name__ == "__main__":

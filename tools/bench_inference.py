@@ -1,8 +1,8 @@
 """File size, peak memory, prefill and decode speed: the packed integer model vs the float model.
 
-    python bench_inference.py --ckpt=out/ckpt.pt
-    python bench_inference.py --ckpt=out-124m/ckpt.pt --prompt_tokens=128 --new_tokens=128
-    python bench_inference.py --ckpt=out/ckpt.pt --embed_int8=True --val_batches=20
+    python -m tools.bench_inference --ckpt=out/ckpt.pt
+    python -m tools.bench_inference --ckpt=out-124m/ckpt.pt --prompt_tokens=128 --new_tokens=128
+    python -m tools.bench_inference --ckpt=out/ckpt.pt --embed_int8=True --val_batches=20
 
 From one training checkpoint it writes two deployment files: (a) the float32 state dict of the
 same config with nn.Linear where the BitLinears were, holding the latent weights (what a float
@@ -25,21 +25,35 @@ from pathlib import Path
 
 import torch
 
-from bitlinear import BitLinear, inference
+from bitlinear import BitLinear, kernels
 from bitlinear.inference import shell_model
 from bitlinear.packed_file import save_packed, ternary_bits_per_weight
-from checkpoint import load_checkpoint, model_from_checkpoint, model_from_packed
-from configurator import ConfigError, run_cli
-from generation import KVCache
+from common import (
+    ConfigError,
+    build_model,
+    defaults,
+    load_checkpoint,
+    load_model,
+    model_from_checkpoint,
+    run_cli,
+)
+from sample import KVCache
 
-DEFAULTS = dict(ckpt="out/ckpt.pt", prompt_tokens=32, new_tokens=32, repeats=3, seed=0,
-                threads=0,  # 0: torch's default
-                float_dtype="fp16",  # the .bitnet file's floats, as export.py --float_dtype
-                embed_int8=False,  # as export.py --embed_int8
-                val_batches=0,  # > 0: also the val loss of the training model and the .bitnet
-                kernel="")  # integer sums on CPU: 'int_mm' or 'fbgemm'; empty: this machine's pick
+SETTINGS = dict(
+    ckpt=("out/ckpt.pt", "the training checkpoint to benchmark"),
+    prompt_tokens=(32, "random prompt tokens, run as one forward (prefill)"),
+    new_tokens=(32, "single-token forwards after the prompt (decode)"),
+    repeats=(3, "rounds of prefill and decode; the best time of each counts"),
+    seed=(0, "random seed of the prompt"),
+    threads=(0, "torch threads in each worker; 0: torch's default"),
+    float_dtype=("fp16", "the .bitnet file's floats, as export.py --float_dtype"),
+    embed_int8=(False, "the .bitnet file's embeddings and head as int8, as export.py --embed_int8"),
+    val_batches=(0, "> 0: also the val loss of the training model and the .bitnet file"),
+    kernel=("", "integer sums on CPU: 'int_mm' or 'fbgemm'; empty: this machine's pick"),
+)
+DEFAULTS = defaults(SETTINGS)
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repo root: the workers run there
 
 
 def as_float(model):
@@ -75,7 +89,6 @@ def write_files(model, ckpt, tmp, float_dtype, embed_int8=False):
 
 def load_float(path, arch, args):
     """The float model from its state dict file; a shell takes the loaded tensors: no copy."""
-    from models import build_model
     model = shell_model(lambda: build_model(arch, dict(args, bitlinear=False)))
     model.load_state_dict(torch.load(path, weights_only=True), assign=True)
     return model
@@ -119,12 +132,12 @@ def worker(job):
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     if job.get("kernel"):
-        inference.CPU_KERNEL = job["kernel"]
+        kernels.CPU_KERNEL = job["kernel"]
     before = peak_rss_mb()
     if job["kind"] == "float":
         model = load_float(job["path"], job["arch"], job["model_args"])
     else:
-        model, _ = model_from_packed(job["path"])
+        model, _ = load_model(job["path"])
     model.eval()
     prompt = torch.tensor([job["prompt"]])
     runs = [timed_generation(model, prompt, job["new_tokens"]) for _ in range(job["repeats"])]
@@ -148,7 +161,8 @@ def val_losses(ckpt, models, n_batches):
 
 
 def run_path(job):
-    code = f"import json, bench_inference as b; b.worker(json.loads({json.dumps(job)!r}))"
+    code = (f"import json; from tools import bench_inference as b; "
+            f"b.worker(json.loads({json.dumps(job)!r}))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"the {job['kind']} worker failed: {r.stderr.strip()[-2000:]}")
@@ -163,7 +177,7 @@ def bench(cfg):
         raise ConfigError(f"prompt_tokens + new_tokens must fit block_size={block}")
     if cfg["kernel"] not in ("", "int_mm", "fbgemm"):
         raise ConfigError(f"kernel '{cfg['kernel']}' is not 'int_mm' or 'fbgemm'")
-    kernel = cfg["kernel"] or inference.CPU_KERNEL
+    kernel = cfg["kernel"] or kernels.CPU_KERNEL
     g = torch.Generator().manual_seed(cfg["seed"])
     prompt = torch.randint(0, trained.config.vocab_size, (cfg["prompt_tokens"],), generator=g)
     job = dict(arch=ckpt["arch"], model_args=ckpt["model_args"], prompt=prompt.tolist(),
@@ -175,7 +189,7 @@ def bench(cfg):
         sizes, bits, float_path, packed_path = files
         n_params = trained.get_num_params()
         losses = val_losses(ckpt, {"training model": trained,
-                                   packed_path.name: model_from_packed(packed_path)[0].eval()},
+                                   packed_path.name: load_model(packed_path)[0].eval()},
                             cfg["val_batches"]) if cfg["val_batches"] > 0 else {}
         del trained
         results = {kind: run_path(dict(job, kind=kind, path=str(path)))
@@ -204,7 +218,7 @@ def bench(cfg):
 
 
 def main(argv=None):
-    run_cli(DEFAULTS, bench, "bench_inference.py", __doc__, argv)
+    run_cli(SETTINGS, bench, "-m tools.bench_inference", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,34 @@
 """Draw loss curves from runs' metrics.jsonl files (matplotlib, an optional dependency).
 
-    python plot.py out-gpt_800k out-float --out=loss.png           # val loss against tokens
-    python plot.py sweeps/gpt/* --x=step --title="GPT sizes" --out=assets/gpt_curves.png
+    python -m tools.plot out-gpt_800k out-float --out=loss.png     # val loss against tokens
+    python -m tools.plot sweeps/gpt/* --x=step --title="GPT sizes" --out=assets/gpt_curves.png
 
 Each argument that is not a --key=value is a run's out_dir; a run whose name ends in "float"
-is drawn dashed, so ternary/float pairs from sweep.py read at a glance. sweep.py also calls
-plot_sizes for val loss against parameter count.
+is drawn dashed, so ternary/float pairs from tools/sweep.py read at a glance. tools/sweep.py
+also calls plot_sizes for val loss against parameter count.
 """
 
+import json
 import sys
 from pathlib import Path
 
-from configurator import ConfigError, run_cli
-from metrics import read_metrics
+from common import ConfigError, defaults, run_cli
 
-DEFAULTS = dict(out="loss.png", x="tokens", title="", train=False)  # train: add train loss
+SETTINGS = dict(
+    out=("loss.png", "the PNG file to write"),
+    x=("tokens", "the x axis: 'tokens', 'step' or 'time' (seconds)"),
+    title=("", "the plot's title"),
+    train=(False, "also draw each run's train loss (faint)"),
+)
+DEFAULTS = defaults(SETTINGS)
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl file (or of out_dir/metrics.jsonl), in order."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def pyplot():
@@ -56,7 +70,7 @@ def plot_curves(runs, out, x="tokens", title="", train=False):
 
 
 def runs_paired(runs):
-    """True when runs come in (ternary, float) pairs, as sweep.py writes them."""
+    """True when runs come in (ternary, float) pairs, as tools/sweep.py writes them."""
     names = [Path(r).name for r in runs]
     return len(names) % 2 == 0 and all(b.endswith("float") and not a.endswith("float")
                for a, b in zip(names[::2], names[1::2], strict=True))
@@ -65,7 +79,7 @@ def runs_paired(runs):
 def plot_sizes(rows, out, title=""):
     """Final val loss against parameters for each variant, and the ternary - float gap.
 
-    rows: [{"params": n, "<variant>": val_loss, ...}] as sweep.py collects them."""
+    rows: [{"params": n, "<variant>": val_loss, ...}] as tools/sweep.py collects them."""
     plt = pyplot()
     variants = [k for k in rows[0] if k != "params"]
     fig, axes = plt.subplots(1, 2 if {"ternary", "float"} <= set(variants) else 1,
@@ -98,8 +112,8 @@ def main(argv=None):
     if not runs and not {"-h", "--help"} & set(argv):
         sys.exit("error: give one or more run folders (out_dir) to plot; --help for the keys")
     flags = [a for a in argv if a.startswith("--") or a == "-h"]
-    run_cli(DEFAULTS, lambda cfg: plot_curves(runs, cfg["out"], cfg["x"], cfg["title"],
-                                              cfg["train"]), "plot.py", __doc__, flags)
+    run_cli(SETTINGS, lambda cfg: plot_curves(runs, cfg["out"], cfg["x"], cfg["title"],
+                                              cfg["train"]), "-m tools.plot", __doc__, flags)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Train a grid of configs x variants (ternary and float by default) with the same data, tokens
 and seed, then write a markdown results table and plots.
 
-    python sweep.py --configs=gpt_50k,gpt_200k,gpt_800k,gpt_3m --sweep_dir=sweeps/gpt
-    python sweep.py --configs=llama_1m,llama_3m --sweep_dir=sweeps/llama
-    python sweep.py --configs=gpt_800k --sweep_dir=sweeps/tips \\
+    python -m tools.sweep --configs=gpt_50k,gpt_200k,gpt_800k,gpt_3m --sweep_dir=sweeps/gpt
+    python -m tools.sweep --configs=llama_1m,llama_3m --sweep_dir=sweeps/llama
+    python -m tools.sweep --configs=gpt_800k --sweep_dir=sweeps/tips \\
         --variants="{'cosine': '', 'two_stage': '--lr_schedule=two_stage'}"
-    python sweep.py ... --max_iters=500 --device=cpu    # any train.py key applies to every run
+    python -m tools.sweep ... --max_iters=500 --device=cpu  # any train.py key applies to every run
 
 Run r of config c trains in sweep_dir/c-r. A finished run is skipped and an interrupted one
 (Ctrl-C) resumes, so running the same command again continues the sweep. The results go to
@@ -17,14 +17,22 @@ import json
 import sys
 from pathlib import Path
 
-from configurator import ConfigError, configure, parse_args
-from metrics import read_metrics
+from common import ConfigError, defaults, parse_args, run_cli
+from tools.plot import read_metrics
 from train import DEFAULTS as TRAIN_DEFAULTS
-from train import Trainer, resolve
+from train import SETTINGS as TRAIN_SETTINGS
+from train import resolve, start, train
 
-ROOT = Path(__file__).parent
-SWEEP_DEFAULTS = dict(configs="gpt_50k,gpt_200k,gpt_800k,gpt_3m", sweep_dir="sweep",
-                      variants="{'ternary': '--bitlinear=True', 'float': '--bitlinear=False'}")
+ROOT = Path(__file__).resolve().parents[1]  # the repo: configs/ is there
+SWEEP_SETTINGS = dict(
+    configs=("gpt_50k,gpt_200k,gpt_800k,gpt_3m", "comma-separated names of configs/*.py to train"),
+    sweep_dir=("sweep", "folder of the sweep: one run folder per config and variant, the results"),
+    variants=("{'ternary': '--bitlinear=True', 'float': '--bitlinear=False'}",
+              "dict of variant name -> train.py flags, each variant trained for every config"),
+)
+SWEEP_DEFAULTS = defaults(SWEEP_SETTINGS)
+# the sweep's keys, then every train.py key: those apply to every run (after its config file)
+SETTINGS = {**SWEEP_SETTINGS, **TRAIN_SETTINGS}
 
 
 def parse_variants(text):
@@ -47,12 +55,12 @@ def run_one(config, flags, out_dir):
             f"--init_from={'resume' if resume else 'scratch'}", "--always_save_checkpoint=True"]
     cfg = resolve(parse_args(TRAIN_DEFAULTS, argv))
     print(f"== {out_dir.name}: python train.py {' '.join(argv)}")
-    trainer = Trainer(cfg)
-    trainer.run()
-    if trainer.iter_num < cfg["max_iters"]:
+    run = start(cfg)
+    train(cfg, run)
+    if run.iter_num < cfg["max_iters"]:
         return None  # stopped by a signal or max_time; the checkpoint is saved
     last = [m for m in read_metrics(out_dir) if "val_loss" in m][-1]
-    result = {"config": config, "params": trainer.raw_model.get_num_params(),
+    result = {"config": config, "params": run.raw_model.get_num_params(),
               "val_loss": last["val_loss"], "val_bpb": last.get("val_bpb"), "step": last["step"],
               "tokens": last["tokens"], "wall_time": last["time"]}  # time: across resumes
     result_file.write_text(json.dumps(result))
@@ -80,7 +88,7 @@ def table(results, variants):
 def sweep(argv):
     sweep_args = [a for a in argv if a.split("=")[0].lstrip("-") in SWEEP_DEFAULTS]
     train_flags = [a for a in argv if a not in sweep_args]
-    cfg = configure(SWEEP_DEFAULTS, sweep_args, "sweep.py", __doc__)
+    cfg = parse_args(SWEEP_DEFAULTS, sweep_args)
     parse_args(TRAIN_DEFAULTS, train_flags)  # check the train keys before any run starts
     variants = parse_variants(cfg["variants"])
     configs = [c.strip() for c in cfg["configs"].split(",") if c.strip()]
@@ -97,9 +105,9 @@ def sweep(argv):
                 return None
             results.setdefault(config, {})[name] = result
     text = table(results, list(variants))
-    (root / "results.md").write_text(f"python sweep.py {' '.join(argv)}\n\n{text}\n")
+    (root / "results.md").write_text(f"python -m tools.sweep {' '.join(argv)}\n\n{text}\n")
     print(text)
-    from plot import plot_curves, plot_sizes
+    from tools.plot import plot_curves, plot_sizes
     plot_curves([root / f"{c}-{v}" for c in configs for v in variants], root / "curves.png")
     if len(configs) > 1:
         plot_sizes([{"params": r[next(iter(r))]["params"], **{v: r[v]["val_loss"] for v in r}}
@@ -108,11 +116,10 @@ def sweep(argv):
 
 
 def main(argv=None):
-    from configurator import UserError
-    try:
-        return sweep(sys.argv[1:] if argv is None else argv)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    """--help lists SETTINGS; every key is checked (run_cli) before sweep() splits the
+    arguments into the sweep's and the runs' own."""
+    argv = sys.argv[1:] if argv is None else argv
+    return run_cli(SETTINGS, lambda cfg: sweep(argv), "-m tools.sweep", __doc__, argv)
 
 
 if __name__ == "__main__":

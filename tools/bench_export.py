@@ -1,7 +1,7 @@
 """An exported model run where users run models: file sizes, agreement, and speed against BitGPT.
 
-    python bench_export.py --ckpt=out-llama_bitnet_5m/ckpt.pt
-    python bench_export.py --ckpt=out-124m-bitnet/ckpt.pt --val_windows=0 \
+    python -m tools.bench_export --ckpt=out-llama_bitnet_5m/ckpt.pt
+    python -m tools.bench_export --ckpt=out-124m-bitnet/ckpt.pt --val_windows=0 \
         --prompt_tokens=128 --new_tokens=128
 
 From one llama checkpoint it writes what export.py writes (.bitnet, the transformers folder, GGUF
@@ -13,7 +13,7 @@ with TQ2_0 and TQ1_0) and reports:
   - speed at batch 1, greedy, `threads` threads: llama.cpp's prompt processing (one eval of
     prompt_tokens random token ids) and decode (new_tokens single-token evals), best of
     `repeats`, next to BitGPT's integer path on the .bitnet file, timed the same way in its own
-    process by bench_inference.py;
+    process by tools/bench_inference.py;
   - greedy continuations of --start from llama.cpp and from BitGPT.
 A part whose library is not installed (transformers, llama-cpp-python) is skipped, saying so.
 """
@@ -25,14 +25,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import bench_inference
-from bitlinear import inference, to_integer
-from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import ConfigError, run_cli
+from bitlinear import kernels, to_integer
+from common import ConfigError, defaults, load_checkpoint, model_from_checkpoint, run_cli
 from export import main as export_main
+from tools import bench_inference
 
-DEFAULTS = dict(ckpt="out/ckpt.pt", val_windows=16, prompt_tokens=64, new_tokens=64, repeats=3,
-                threads=2, seed=0, start="ROMEO:", gen_tokens=60)
+SETTINGS = dict(
+    ckpt=("out/ckpt.pt", "the llama training checkpoint to export and benchmark"),
+    val_windows=(16, "windows of block_size val tokens to measure agreement on; 0: none"),
+    prompt_tokens=(64, "random prompt tokens, run as one eval (prompt processing)"),
+    new_tokens=(64, "single-token evals after the prompt (decode)"),
+    repeats=(3, "rounds of prompt and decode; the best time of each counts"),
+    threads=(2, "threads of llama.cpp and of BitGPT's worker"),
+    seed=(0, "random seed of the prompt"),
+    start=("ROMEO:", "the prompt of the greedy continuations"),
+    gen_tokens=(60, "tokens of each greedy continuation"),
+)
+DEFAULTS = defaults(SETTINGS)
 
 
 def have(module):
@@ -40,7 +49,7 @@ def have(module):
         __import__(module)
         return True
     except ImportError:
-        print(f"  (skipped: {module} is not installed; pip install -r requirements-export.txt)")
+        print(f"  (skipped: {module} is not installed; pip install -r requirements-dev.txt)")
         return False
 
 
@@ -116,11 +125,12 @@ def llama_cpp_speed(path, prompt, new_tokens, repeats, threads, n_ctx):
 
 def continuations(cfg, model, gguf_path, meta):
     """{'BitGPT': text, 'llama.cpp': text}: greedy continuations of --start."""
-    from sample import Tokenizer
+    from data.tokenizer import Tokenizer
+    from sample import generate
     tok = Tokenizer(meta)
     ids = torch.tensor([tok.encode(cfg["start"])])
     with torch.no_grad():
-        ours = tok.decode(model.generate(ids, cfg["gen_tokens"], temperature=0)[0].tolist())
+        ours = tok.decode(generate(model, ids, cfg["gen_tokens"], temperature=0)[0].tolist())
     print(f"  BitGPT    {ours!r}")
     texts = {"BitGPT": ours}
     if gguf_path is not None:
@@ -183,7 +193,7 @@ def speed(cfg, ckpt, bitnet_path, gguf_path, block, vocab):
     prompt = torch.randint(0, vocab, (cfg["prompt_tokens"],), generator=g)
     print(f"speed: batch 1, greedy, {cfg['threads']} threads, prompt {cfg['prompt_tokens']} random "
           f"tokens, then {cfg['new_tokens']} single-token steps; best of {cfg['repeats']}; "
-          f"BitGPT's integer sums by {inference.CPU_KERNEL}:")
+          f"BitGPT's integer sums by {kernels.CPU_KERNEL}:")
     ours = bench_inference.run_path(dict(
         kind="packed", path=str(bitnet_path), arch=ckpt["arch"], model_args=ckpt["model_args"],
         prompt=prompt.tolist(), new_tokens=cfg["new_tokens"], repeats=cfg["repeats"],
@@ -200,7 +210,7 @@ def speed(cfg, ckpt, bitnet_path, gguf_path, block, vocab):
 
 
 def main(argv=None):
-    return run_cli(DEFAULTS, bench, "bench_export.py", __doc__, argv)
+    return run_cli(SETTINGS, bench, "-m tools.bench_export", __doc__, argv)
 
 
 if __name__ == "__main__":
