@@ -136,8 +136,9 @@ def help_text(settings, prog, doc=""):
 
 
 def run_cli(settings, run, prog, doc="", argv=None):
-    """A script's main: --help, or check the config and return run(cfg); a UserError (bad
-    config, data or file) exits with one line."""
+    """A script's main: --help, or check the config and return run(cfg). A UserError (bad
+    config, data or file) exits 1 with one line, printed once under torchrun (by rank 0);
+    Ctrl-C exits 130 with one line (what was being written is left as it was before)."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(help_text(settings, prog, doc))
@@ -145,7 +146,10 @@ def run_cli(settings, run, prog, doc="", argv=None):
     try:
         return run(parse_args(defaults(settings), argv))
     except UserError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); no file was left half-written", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---- devices --------------------------------------------------------------------------------
@@ -274,9 +278,15 @@ CHECKPOINT_VERSION = 2  # 2: optimizer state keyed by parameter name (FSDP or no
 
 
 def save_checkpoint(ckpt, path):
-    """Write a training checkpoint (a dict of tensors and plain values) atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"format_version": CHECKPOINT_VERSION, **ckpt}, tmp)
+    """Write a training checkpoint (a dict of tensors and plain values) atomically; a failed
+    write (a full disk) is one line, and the previous checkpoint stays."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({"format_version": CHECKPOINT_VERSION, **ckpt}, tmp)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
+        why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise CheckpointError(f"could not write '{path}' ({why}); the previous checkpoint there, "
+                              f"if any, is intact: free some space and resume") from None
 
 
 def load_checkpoint(path, arch=None, map_location="cpu"):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from bitlinear.packed_file import (
     FLOAT_DTYPES,
+    MAGIC,
     PackedFileError,
     save_packed,
     ternary_bits_per_weight,
@@ -74,6 +75,31 @@ def check(cfg):
                           "(--embed_int8=True, Q8_0); not bf16")
 
 
+MAGICS = {"packed": MAGIC, "gguf": b"GGUF"}  # how the files an export writes begin
+
+
+def check_destination(dst, fmt, src):
+    """An export replaces only what an export wrote: a .bitnet or GGUF file, or a transformers
+    folder (checked in export_hf); never the checkpoint or any other file."""
+    if dst.resolve() == src.resolve():
+        raise ConfigError(f"--to '{dst}' is the checkpoint being exported; choose another --to")
+    if fmt == "hf":
+        if dst.exists() and not dst.is_dir():
+            raise ConfigError(f"'{dst}' is a file, not an exported model folder; choose another "
+                              f"--to")
+    elif dst.is_dir():
+        raise ConfigError(f"--to '{dst}' is a folder; give a file path, e.g. {dst / FORMATS[fmt]}")
+    elif dst.exists():
+        with open(dst, "rb") as f:
+            if f.read(len(MAGICS[fmt])) != MAGICS[fmt]:
+                raise ConfigError(f"'{dst}' exists and is not a file this export wrote; choose "
+                                  f"another --to")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot make the folder of --to '{dst}' ({e.strerror})") from None
+
+
 def export(cfg):
     check(cfg)
     src = Path(cfg["ckpt"] or Path(cfg["out_dir"]) / "ckpt.pt")
@@ -88,6 +114,7 @@ def export(cfg):
         raise ConfigError(f"'{src}' is a float model (bitlinear=False): nothing to pack")
     model = model_from_checkpoint(ckpt, src)
     dst = Path(cfg["to"] or Path(cfg["out_dir"]) / FORMATS[fmt])
+    check_destination(dst, fmt, src)
     if fmt == "hf":
         return export_hf(model, ckpt, dst, float_dtype or "fp32")
     if fmt == "gguf":

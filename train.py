@@ -24,6 +24,7 @@ from tqdm import tqdm
 from common import (
     ConfigError,
     UserError,
+    atomic_path,
     build_model,
     defaults,
     first_line,
@@ -48,13 +49,15 @@ SETTINGS = dict(
     always_save_checkpoint=(True, "save at every evaluation; False: only when val loss improves"),
     init_from=("scratch", "'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint or "
                "transformers folder to fine-tune from"),
+    overwrite=(False, "let a new run replace the checkpoint and metrics.jsonl in out_dir"),
     wandb_log=(False, "also log to Weights & Biases (pip install wandb)"),
     wandb_project=("bitgpt", "wandb project"),
     wandb_run_name=("run", "wandb run name"),
     # data
     data_dir=("data", "folder that holds the datasets"),
     dataset=("shakespeare_char", "a prepared dataset: data_dir/dataset/{train,val}.bin"),
-    gradient_accumulation_steps=(1, "micro-batches per optimizer step, summed over processes"),
+    gradient_accumulation_steps=(1, "micro-batches per optimizer step, summed over processes "
+                                    "(at least one per process)"),
     batch_size=(12, "sequences per micro-batch and process"),
     block_size=(64, "context length in tokens"),
     # model
@@ -134,6 +137,19 @@ def resolve(cfg):
                 "eval_iters", "log_interval", "gradient_accumulation_steps"):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
+    for key, value in cfg.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+    for key in ("max_iters", "max_time", "learning_rate", "min_lr", "bit_lr_scale", "weight_decay",
+                "grad_clip", "warmup_iters", "lr_decay_iters", "n_kv_head", "ffn_hidden"):
+        if cfg[key] < 0:
+            raise ConfigError(f"{key} must be at least 0, got {cfg[key]}")
+    for key in ("dropout", "beta1", "beta2"):
+        if not 0 <= cfg[key] < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {cfg[key]}")
+    for key in ("norm_eps", "rope_theta"):
+        if cfg[key] <= 0:
+            raise ConfigError(f"{key} must be positive, got {cfg[key]}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")
     if cfg["n_kv_head"] < 0 or cfg["n_kv_head"] and cfg["n_head"] % cfg["n_kv_head"]:
@@ -208,10 +224,15 @@ def setup_processes(cfg):
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 1
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    if cfg["gradient_accumulation_steps"] % world_size:
-        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} does "
-                          f"not divide across {world_size} processes; make it a multiple")
+    world_size, accum = int(os.environ["WORLD_SIZE"]), cfg["gradient_accumulation_steps"]
+    if accum < world_size:  # fewer than the processes: one micro-batch each
+        if rank == 0:
+            print(f"note: gradient_accumulation_steps={accum} on {world_size} processes: one "
+                  f"micro-batch each, {world_size} a step")
+        cfg["gradient_accumulation_steps"] = accum = world_size
+    if accum % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={accum} does not divide across "
+                          f"{world_size} processes; make it a multiple of {world_size}")
     torch.distributed.init_process_group(backend=cfg["backend"])
     if cfg["device"].startswith("cuda"):
         cfg["device"] = f"cuda:{local_rank}"
@@ -315,6 +336,11 @@ def start(cfg):
         raise ConfigError(f"the model's vocabulary ({cfg['vocab_size']}) is not dataset "
                           f"'{cfg['dataset']}''s ({vocab_size}); train it on data with its "
                           f"tokenizer")
+    existing = Path(cfg["out_dir"]) / "ckpt.pt"
+    if cfg["init_from"] != "resume" and existing.exists() and not cfg["overwrite"]:
+        raise ConfigError(f"out_dir '{cfg['out_dir']}' holds another run's checkpoint; continue "
+                          f"it with --init_from=resume, choose another --out_dir, or replace it "
+                          f"with --overwrite=True")
     args = dict(model_args(cfg["arch"], cfg), vocab_size=vocab_size)
     if ckpt:
         model = model_from_checkpoint(ckpt, Path(cfg["out_dir"]) / "ckpt.pt")
@@ -417,7 +443,7 @@ class MetricsLog:
     val_loss, val_bpb, lr, time; logs: step, tokens, loss, lr, tokens_per_sec, mfu), and the
     same records to Weights & Biases with wandb_log=True."""
 
-    def __init__(self, cfg, append=False):
+    def __init__(self, cfg, resume_step=None):
         self.wandb = None
         if cfg["wandb_log"]:
             try:
@@ -427,7 +453,28 @@ class MetricsLog:
                                   "(WANDB_MODE=offline works without an account)") from None
             self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"],
                                     config=cfg)
-        self.file = open(Path(cfg["out_dir"]) / "metrics.jsonl", "a" if append else "w")
+        path = Path(cfg["out_dir"]) / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            self.keep_until(path, resume_step, cfg["eval_interval"])
+        self.file = open(path, "a" if resume_step is not None else "w")
+
+    @staticmethod
+    def keep_until(path, step, eval_interval):
+        """Cut the log of a resumed run back to its checkpoint: a line torn by a crash and the
+        records after the checkpoint's step go (those steps run again), and so does the
+        evaluation at that step if the resumed run makes it again."""
+        import json
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if record["step"] < step or record["step"] == step and (
+                    "val_loss" not in record or step % eval_interval):
+                keep.append(line + "\n")
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(keep))
 
     def write(self, record):
         import json
@@ -458,16 +505,31 @@ class StopFlag:
         self.signal = signal.Signals(signum).name
 
 
-def check_writable(folder):
-    """Fail at the start, not at the first checkpoint hours later."""
+def claim(folder):
+    """Make out_dir and check it is writable (fail at the start, not at the first checkpoint
+    hours later), and lock it for this run: a second run into it is refused while this one
+    lives; the lock goes with the process, however it ends. Returns the lock's file."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write_test{os.getpid()}"
         probe.write_bytes(b"x" * 4096)
         probe.unlink()
+        lock = open(folder / ".lock", "a")
     except OSError as e:
         raise ConfigError(f"out_dir '{folder}' is not writable ({e.strerror}); choose another "
                           f"--out_dir") from None
+    try:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no flock (Windows): no lock
+        pass
+    except OSError:
+        lock.close()
+        raise ConfigError(f"out_dir '{folder}' is in use by another run; wait for it to end or "
+                          f"choose another --out_dir") from None
+    for stale in folder.glob(".ckpt.pt.tmp*"):  # left by a run killed while saving
+        stale.unlink(missing_ok=True)
+    return lock
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -477,43 +539,45 @@ def train(cfg, run=None):
     losses. run: a start(cfg) to continue, else one is made here."""
     run = run or start(cfg)
     master, alone, out_dir = run.rank == 0, run.world_size == 1, Path(cfg["out_dir"])
-    tokens_per_iter = (cfg["gradient_accumulation_steps"] * run.world_size * cfg["batch_size"]
-                       * cfg["block_size"])
-    peak = peak_flops(cfg["device"])[0]
-    if master:
-        check_writable(out_dir)
-        kind = "ternary (BitLinear)" if cfg["bitlinear"] else "float (nn.Linear)"
-        print(f"{cfg['arch']} {kind}: {run.raw_model.get_num_params() / 1e6:.2f}M parameters; "
-              f"device {cfg['device']}, dtype {cfg['dtype']}, compile {cfg['compile']}, "
-              f"{run.world_size} process(es)")
-        metrics = MetricsLog(cfg, append=run.iter_num > 0)
-    t_start = time.time()
-    elapsed = lambda: run.elapsed_before + time.time() - t_start  # noqa: E731
-    mark = (t_start, run.iter_num)  # (time, step) of the last log, for tokens/s
-    bar = tqdm(total=cfg["max_iters"], initial=run.iter_num, disable=not master,
-               dynamic_ncols=True, desc="train")
-
-    def save(val_loss):
-        """out_dir/ckpt.pt; every process calls it (FSDP gathers the shards), the master writes."""
-        model_state, optimizer_state = full_state(run.raw_model, run.optimizer, cfg)
+    with StopFlag() as stop, claim(out_dir) if master else nullcontext():
+        tokens_per_iter = (cfg["gradient_accumulation_steps"] * run.world_size * cfg["batch_size"]
+                           * cfg["block_size"])
+        peak = peak_flops(cfg["device"])[0]
         if master:
-            save_checkpoint({
-                "arch": cfg["arch"], "model_args": run.args, "config": cfg, "model": model_state,
-                "optimizer": optimizer_state, "scaler": run.scaler.state_dict(),
-                "iter_num": run.iter_num, "best_val_loss": run.best_val_loss,
-                "val_loss": val_loss, "meta": run.data.meta, "elapsed": elapsed(),
-                "rng": {"torch": torch.get_rng_state(), "data": batch[2]},
-            }, out_dir / "ckpt.pt")
+            kind = "ternary (BitLinear)" if cfg["bitlinear"] else "float (nn.Linear)"
+            print(f"{cfg['arch']} {kind}: {run.raw_model.get_num_params() / 1e6:.2f}M parameters; "
+                  f"device {cfg['device']}, dtype {cfg['dtype']}, compile {cfg['compile']}, "
+                  f"{run.world_size} process(es)")
+            metrics = MetricsLog(cfg, resume_step=run.iter_num if run.iter_num > 0 else None)
+        t_start = time.time()
+        elapsed = lambda: run.elapsed_before + time.time() - t_start  # noqa: E731
+        mark = (t_start, run.iter_num)  # (time, step) of the last log, for tokens/s
+        bar = tqdm(total=cfg["max_iters"], initial=run.iter_num, disable=not master,
+                   dynamic_ncols=True, desc="train")
 
-    def check_finite(loss):
-        """Stop on a NaN/inf loss before it reaches a checkpoint; the last good one stays."""
-        if not math.isfinite(loss):
-            raise TrainingError(f"the loss became {loss} at step {run.iter_num}; the checkpoint "
-                                f"in {out_dir} is from before it. Try a lower learning_rate or "
-                                f"grad_clip, and check the data")
+        def save(val_loss):
+            """out_dir/ckpt.pt: every process calls it (FSDP gathers the shards), the master
+            writes it."""
+            model_state, optimizer_state = full_state(run.raw_model, run.optimizer, cfg)
+            if master:
+                save_checkpoint({
+                    "arch": cfg["arch"], "model_args": run.args, "config": cfg,
+                    "model": model_state, "optimizer": optimizer_state,
+                    "scaler": run.scaler.state_dict(),
+                    "iter_num": run.iter_num, "best_val_loss": run.best_val_loss,
+                    "val_loss": val_loss, "meta": run.data.meta, "elapsed": elapsed(),
+                    "rng": {"torch": torch.get_rng_state(), "data": batch[2]},
+                }, out_dir / "ckpt.pt")
 
-    batch, losses = next_batch(run), None
-    with StopFlag() as stop:
+        def check_finite(loss):
+            """Stop on a NaN/inf loss before it reaches a checkpoint; the last good one stays."""
+            if not math.isfinite(loss):
+                kept = (f"the checkpoint {out_dir / 'ckpt.pt'} is from before it" if
+                        (out_dir / "ckpt.pt").exists() else "no checkpoint was written")
+                raise TrainingError(f"the loss became {loss} at step {run.iter_num}; {kept}. "
+                                    f"Try a lower learning_rate or grad_clip, and check the data")
+
+        batch, losses = next_batch(run), None
         while True:
             # evaluate and checkpoint; a signal cuts an evaluation short in a single process
             # (several must run the same forwards, for their collectives)
@@ -565,16 +629,17 @@ def train(cfg, run=None):
                 metrics.write({"step": run.iter_num, "tokens": run.iter_num * tokens_per_iter,
                                "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
                                "mfu": mfu})
-    bar.close()
-    if master:
-        metrics.close()
-        val = f"{losses['val']:.4f}" if losses else "not evaluated"
-        print(f"done: {run.iter_num} steps in {time.time() - t_start:.1f}s; final val loss {val}; "
-              f"checkpoint {out_dir / 'ckpt.pt'}")
-    if run.world_size > 1:  # all together: a rank that tears down early can hang the rest
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return losses
+        bar.close()
+        if master:
+            metrics.close()
+            val = f"{losses['val']:.4f}" if losses else "not evaluated"
+            ckpt = out_dir / "ckpt.pt"
+            print(f"done: {run.iter_num} steps in {time.time() - t_start:.1f}s; final val loss "
+                  f"{val}; " + (f"checkpoint {ckpt}" if ckpt.exists() else "no checkpoint"))
+        if run.world_size > 1:  # all together: a rank that tears down early can hang the rest
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return losses
 
 
 def main(argv=None, arch=None):

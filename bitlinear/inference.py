@@ -10,6 +10,8 @@ what runs: at batch 1 the head is the largest read of a decode step, and half th
 the time (see Linear16).
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -193,29 +195,67 @@ class Linear8(nn.Module):
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+class BuildTooLarge(ValueError):
+    """A shell_model build that would make more tensors or values than its budget allows."""
+
+
 class _SkipInit(TorchFunctionMode):
-    """Turns the initializers (nn.init's and the in-place Tensor fills) into no-ops."""
+    """Turns the initializers (nn.init's and the in-place Tensor fills) into no-ops, and counts
+    the tensors and values the build makes against a budget: the size of a factory call
+    (empty, zeros, ones), an arange or an outer product is known, and refused, before it is
+    made; any other result is counted after."""
 
     SKIP = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_,
             nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_, nn.init.trunc_normal_,
             nn.init.xavier_uniform_, nn.init.xavier_normal_, nn.init.zeros_, nn.init.ones_}
 
+    def __init__(self, values=math.inf, tensors=math.inf):
+        super().__init__()
+        self.values, self.tensors = values, tensors
+
+    def take(self, n):
+        self.values, self.tensors = self.values - n, self.tensors - 1
+        if self.values < 0 or self.tensors < 0:
+            raise BuildTooLarge("more tensors or values than the budget")
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # nn.init functions dispatch here themselves, and a mode is off while it handles a
         # call: the Tensor methods they use inside would not be seen, so both are listed
+        kwargs = kwargs or {}
         if func in self.SKIP:
             return args[0] if args else kwargs["tensor"]
-        return func(*args, **(kwargs or {}))
+        planned = _planned_size(func, args, kwargs)
+        if planned is not None:
+            self.take(planned)
+        out = func(*args, **kwargs)
+        if planned is None and isinstance(out, torch.Tensor):
+            self.take(out.numel())
+        return out
 
 
-def shell_model(build):
+def _planned_size(func, args, kwargs):
+    """The number of values a factory call, an arange or an outer product will make; None for
+    other calls."""
+    if func in (torch.empty, torch.zeros, torch.ones):
+        size = args[0] if len(args) == 1 and not isinstance(args[0], int) else args
+        return math.prod(int(d) for d in kwargs.get("size", size))
+    if func is torch.arange and all(type(a) in (int, float) for a in args) and args:
+        start, end, step = (0, args[0], 1) if len(args) == 1 else (*args[:2], (args[2:] or [1])[0])
+        return max(0, math.ceil((end - start) / step)) if step and math.isfinite(end) else 0
+    if func in (torch.outer, torch.Tensor.outer) and len(args) == 2:
+        return args[0].numel() * args[1].numel()
+    return None
+
+
+def shell_model(build, values=math.inf, tensors=math.inf):
     """build() with its weights allocated but never written, for a model whose weights are
     loaded next (load_state_dict(assign=True)): untouched pages are not resident memory, so
     building a 124M GPT-2 costs nothing, and the shell's tensors are freed at the assign.
     Everything else (shapes, ties, RoPE tables and other computed buffers) is built as usual.
-    (The meta device would do the same, but its first use imports ~800 modules: 1.4 s, 72 MB.)
-    """
-    with _SkipInit():
+    (The meta device would do the same, but its first use imports ~800 modules.) A build that
+    would make more than `tensors` tensors or `values` values stops with BuildTooLarge: a model
+    that a file describes costs at most what the file holds."""
+    with _SkipInit(values, tensors):
         return build()
 
 

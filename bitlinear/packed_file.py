@@ -27,15 +27,21 @@ Each tensor entry has name, kind, shape, offset and nbytes. Kinds:
 "aliases" maps a tied tensor's name to the name of the tensor it shares (stored once).
 
 Version 2 is the same layout without "int8"; version 1 also has float32 as the only float kind.
-Both are still read. A file with
-another magic or version, a bad header, or data that ends early is refused with one line.
+Both are still read. A file with another magic or version, a bad header, or data that ends
+early is refused with one line (PackedFileError). Nothing is read or allocated on a header's
+word alone: its length must fit the file, every entry's offset and nbytes must lie inside the
+data (aligned, not overlapping), nbytes must be what its kind and shape take, and model_args
+must describe a model whose state is exactly the tensors the file holds (shell_for: the model's
+shell is built within a budget set by the file, before any tensor is read).
 
 16-bit floats by default: float16 (export.py --float_dtype=fp16) keeps 3 more mantissa bits than
 bfloat16 and runs exactly through fbgemm's fp16 GEMM (bitlinear.inference.Linear16); its range
 (|x| <= 65504) is checked at export, and a model that exceeds it needs bf16 or fp32.
 """
 
+import dataclasses
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -43,7 +49,13 @@ import torch
 
 from common import atomic_path
 
-from .inference import load_integer_state, shell_model, to_integer
+from .inference import (
+    BuildTooLarge,
+    TernaryLinear,
+    load_integer_state,
+    shell_model,
+    to_integer,
+)
 from .layer import BitLinear, activation_quant_int, ternarize
 from .pack import pack_2bit, pack_base3, unpack_2bit, unpack_base3
 
@@ -150,7 +162,24 @@ def ternary_bits_per_weight(header):
     return 8 * sum(e["nbytes"] for e in ternary) / max(n, 1)
 
 
+KINDS = (*FLOAT_KINDS, "int8", *PACKERS)
+
+
+def entry_nbytes(kind, shape):
+    """The bytes a tensor of this kind and shape takes in the file."""
+    n = math.prod(shape)
+    if kind in PACKERS:
+        return -(-n // (4 if kind == "ternary2" else 5))
+    return n * (1 if kind == "int8" else FLOAT_KINDS[kind].itemsize)
+
+
+def _is_int(x):
+    return type(x) is int  # not bool, which is an int to Python
+
+
 def _read_header(f, path, size):
+    """(header, data start) of an open .bitnet file, every number in the header checked
+    against the file: nothing is read or allocated on a header's word alone."""
     start = f.read(20)
     if start[:8] != MAGIC:
         raise PackedFileError(f"'{path}' is not a .bitnet file (export one with export.py)")
@@ -160,42 +189,111 @@ def _read_header(f, path, size):
     if version not in READABLE_VERSIONS:
         raise PackedFileError(f"'{path}' is .bitnet version {version}; this code reads versions "
                               f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if n > size - 20:
+        raise PackedFileError(f"'{path}' is truncated or corrupt: its header claims {n} bytes, "
+                              f"the file holds {size - 20} after the first 20")
     try:
         header = json.loads(f.read(n))
-        data_start = 20 + n
-        ends = [data_start + e["offset"] + e["nbytes"] for e in header["tensors"]]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested beyond reason
         raise PackedFileError(f"'{path}' is truncated or corrupt (bad header)") from None
-    if ends and max(ends) > size:
-        raise PackedFileError(f"'{path}' is truncated: its data ends {max(ends) - size} bytes "
-                              f"early")
-    return header, data_start
+    _check_header(header, path, size - 20 - n)
+    return header, 20 + n
+
+
+def _check_header(header, path, data_size):
+    """Refuse (one line) a header whose fields have the wrong types, or whose tensor table
+    does not fit data_size bytes of data: every entry's offset and byte count must lie inside
+    the data, 64-byte aligned, not overlapping another, and nbytes must be what its kind and
+    shape take. Aliases must name stored tensors."""
+    def bad(what):
+        return PackedFileError(f"'{path}' is corrupt (bad header): {what}")
+
+    if not isinstance(header, dict):
+        raise bad(f"a JSON {type(header).__name__}, not an object")
+    if not isinstance(header.get("arch"), str):
+        raise bad(f"arch {header.get('arch')!r} is not a name")
+    if not isinstance(header.get("model_args"), dict):
+        raise bad("model_args is not an object")
+    if header.get("meta") is not None and not isinstance(header["meta"], dict):
+        raise bad("meta is not an object")
+    tensors, aliases = header.get("tensors"), header.setdefault("aliases", {})
+    if not isinstance(tensors, list) or not isinstance(aliases, dict):
+        raise bad("tensors is not a list or aliases is not an object")
+    names = set()
+    for i, e in enumerate(tensors):
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
+            raise bad(f"tensor entry {i} has no name")
+        name, kind, shape = e["name"], e.get("kind"), e.get("shape")
+        if name in names:
+            raise bad(f"tensor {name} appears twice")
+        names.add(name)
+        if kind not in KINDS:
+            raise bad(f"tensor {name} has kind {kind!r}, not one of {', '.join(KINDS)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {name} has shape {shape!r}, not a list of sizes")
+        if (kind in PACKERS or kind == "int8") and len(shape) != 2:
+            raise PackedFileError(f"'{path}' is corrupt: tensor {name} does not match its header "
+                                  f"entry ({kind} {shape} is not (rows, columns))")
+        for key in ("offset", "nbytes"):
+            if not _is_int(e.get(key)) or e[key] < 0:
+                raise bad(f"tensor {name} has {key} {e.get(key)!r}, not a byte count")
+        if e["offset"] % ALIGN:
+            raise bad(f"tensor {name} has offset {e['offset']}, not a multiple of {ALIGN}")
+        need = entry_nbytes(kind, shape)
+        if e["nbytes"] != need:
+            raise PackedFileError(f"'{path}' is corrupt: tensor {name} does not match its header "
+                                  f"entry ({kind} {shape} takes {need} bytes, the entry says "
+                                  f"{e['nbytes']})")
+        scale = e.get("scale")
+        if (kind in PACKERS) != ("scale" in e):
+            raise bad(f"{kind} tensor {name} {'lacks' if kind in PACKERS else 'has'} a scale")
+        if "scale" in e and not (type(scale) in (int, float) and math.isfinite(scale)
+                                 and scale > 0):
+            raise bad(f"tensor {name} has scale {scale!r}, not a positive number")
+    ends = [e["offset"] + e["nbytes"] for e in tensors]
+    if ends and max(ends) > data_size:
+        raise PackedFileError(f"'{path}' is truncated: its data ends {max(ends) - data_size} "
+                              f"bytes early")
+    end, last = 0, None
+    for e in sorted(tensors, key=lambda e: e["offset"]):
+        if e["nbytes"] and e["offset"] < end:
+            raise bad(f"tensors {last} and {e['name']} overlap")
+        if e["nbytes"]:
+            end, last = e["offset"] + e["nbytes"], e["name"]
+    for name, target in aliases.items():
+        if not isinstance(target, str) or target not in names or name in names:
+            raise bad(f"alias {name} -> {target!r} does not name a stored tensor")
 
 
 def _tensor(e, buf):
     """One header entry's tensor from its bytes: float as stored, ternary as int8 (out, in)."""
-    dtype = torch.int8 if e["kind"] == "int8" else FLOAT_KINDS.get(e["kind"])
-    if dtype is not None:
-        t = torch.frombuffer(buf, dtype=dtype) if len(buf) else torch.empty(0, dtype=dtype)
-        return t.view(e["shape"])
-    return PACKERS[e["kind"]][1](torch.frombuffer(buf, dtype=torch.uint8), e["shape"])
+    dtype = torch.int8 if e["kind"] == "int8" else FLOAT_KINDS.get(e["kind"], torch.uint8)
+    t = torch.frombuffer(buf, dtype=dtype) if len(buf) else torch.empty(0, dtype=dtype)
+    if e["kind"] in PACKERS:
+        return PACKERS[e["kind"]][1](t, e["shape"])
+    return t.view(e["shape"])
 
 
-def load_packed(path):
+def load_packed(path, check=None):
     """Read a .bitnet file -> (header dict, state dict for the model after to_integer).
 
     Float tensors keep the file's dtype (bitlinear.inference.load_integer_state decides how they
-    run); tensors are read one at a time, so the whole file is never in memory at once.
+    run); tensors are read one at a time, so the whole file is never in memory at once. The
+    header is checked against the file first (_check_header), then by check(header) if given,
+    before any tensor is read.
     """
     size = Path(path).stat().st_size
     state = {}
     with open(path, "rb") as f:
         header, data_start = _read_header(f, path, size)
+        if check is not None:
+            check(header)
         for e in header["tensors"]:
             try:
                 f.seek(data_start + e["offset"])
                 buf = bytearray(e["nbytes"])
-                f.readinto(buf)
+                if f.readinto(buf) != e["nbytes"]:
+                    raise ValueError("short read")
                 state[e["name"]] = _tensor(e, buf)
                 if "scale" in e:
                     prefix = e["name"].removesuffix("weight")
@@ -208,13 +306,120 @@ def load_packed(path):
     return header, state
 
 
+# ---- the model a header describes, within what the file holds ---------------------------
+
+def _check_args(arch, args, path):
+    """Refuse model_args whose arch this code does not build, or whose values are not of the
+    types of the arch's config (sizes: positive ints, or 0 where 0 is the default)."""
+    from common import archs
+    if arch not in archs():
+        raise PackedFileError(f"'{path}' holds a '{arch}' model; this code builds "
+                              f"{', '.join(sorted(archs()))}")
+    fields = {f.name: f.default for f in dataclasses.fields(archs()[arch][1])}
+    for key, value in args.items():
+        if key not in fields:
+            raise PackedFileError(f"'{path}' has model_args key '{key}', which this code's "
+                                  f"{arch} model does not take (a file of another version?)")
+        default = fields[key]
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok = _is_int(value) and (value > 0 or value == 0 == default)
+            want = "a non-negative integer" if default == 0 else "a positive integer"
+        elif isinstance(default, float):
+            ok = type(value) in (int, float) and math.isfinite(value)
+            want = "a finite number"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        else:
+            ok, want = True, ""
+        if not ok:
+            raise PackedFileError(f"'{path}' is corrupt: model_args {key}={value!r} is not "
+                                  f"{want}")
+    sizes = {**fields, **args}
+    if {"n_embd", "n_head"} <= sizes.keys() and sizes["n_embd"] % sizes["n_head"]:
+        raise PackedFileError(f"'{path}' is corrupt: model_args n_head={sizes['n_head']} does not "
+                              f"divide n_embd={sizes['n_embd']}")
+
+
+def _file_tensors(header):
+    """{name: (shape, kind)} of the state a header's file loads ("scale": a ternary scale)."""
+    table = {}
+    for e in header["tensors"]:
+        table[e["name"]] = (tuple(e["shape"]), e["kind"])
+        if "scale" in e:
+            table[e["name"].removesuffix("weight") + "weight_scale"] = ((), "scale")
+    for name, target in header["aliases"].items():
+        table[name] = table[target]
+    return table
+
+
+def shell_for(header, build, path):
+    """The integer model's shell (shell_model) that a header's model_args describe, refused in
+    one line (PackedFileError) unless it fits the tensors the file holds: the build stops as
+    soon as it makes more than the file's tensors allow (a small file claiming a huge model
+    costs nothing), and the shell's names, shapes and kinds must be the header's table."""
+    from common import first_line
+    arch, args = header["arch"], header["model_args"]
+    _check_args(arch, args, path)
+    table = _file_tensors(header)
+    values = sum(math.prod(shape) for shape, _ in table.values())
+    try:  # the build makes each tensor about twice (BitLinear, then TernaryLinear), and RoPE
+        model = shell_model(lambda: to_integer(build(arch, args), quantize=False),
+                            values=3 * values + 2**24, tensors=8 * len(table) + 256)
+    except BuildTooLarge:
+        raise PackedFileError(f"'{path}' is corrupt: its model_args describe a {arch} model "
+                              f"larger than the {values} values of the tensors it holds"
+                              ) from None
+    except Exception as e:  # any failure of the build means: args this code cannot build
+        why = first_line(e)
+        why = why if why == type(e).__name__ else f"{type(e).__name__}: {why}"
+        raise PackedFileError(f"'{path}' is corrupt: its model_args do not build a {arch} model "
+                              f"({why})") from None
+    modules = dict(model.named_modules())
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, shape in state.items():
+        if key not in table:
+            raise PackedFileError(f"'{path}' is corrupt: it lacks tensor {key}, which its "
+                                  f"model_args' {arch} model has")
+        stored, kind = table[key]
+        if stored != shape:
+            raise PackedFileError(f"'{path}' is corrupt: tensor {key} is {list(stored)} in the "
+                                  f"file, but its model_args make it {list(shape)}")
+        owner, _, leaf = key.rpartition(".")
+        module = modules[owner]
+        if isinstance(module, TernaryLinear) and leaf in ("weight", "weight_scale"):
+            ok = kind in PACKERS if leaf == "weight" else kind == "scale"
+        elif kind == "int8":
+            ok = leaf == "weight" and type(module) in (torch.nn.Embedding, torch.nn.Linear)
+        else:
+            ok = kind in FLOAT_KINDS
+        if not ok:
+            raise PackedFileError(f"'{path}' is corrupt: tensor {key} is stored as {kind}, which "
+                                  f"its {type(module).__name__} cannot take")
+    int8_scales = set()
+    for key, (shape, kind) in table.items():
+        if kind == "int8":  # its rows' scales come as a float32 tensor beside it
+            scale = key.removesuffix("weight") + "weight_scale"
+            if table.get(scale) != (shape[:1], "float32"):
+                raise PackedFileError(f"'{path}' is corrupt: int8 tensor {key} lacks its float32 "
+                                      f"{scale} of one scale per row ({shape[0]})")
+            int8_scales.add(scale)
+    for key in table:
+        if key not in state and key not in int8_scales:
+            raise PackedFileError(f"'{path}' is corrupt: it holds tensor {key}, which its "
+                                  f"model_args' {arch} model does not have")
+    return model
+
+
 def load_integer_model(path, build):
     """(the integer model, header) of a .bitnet file; build(arch, model_args) makes the model.
 
-    The model is built as a shell (shell_model) and takes the file's tensors as they are read:
-    no float copy of the ternary weights is ever made, so memory is what the integer model holds.
+    The header is checked first, against the file and against the model its model_args
+    describe (shell_for), before any tensor is read. The model is then built as a shell
+    (shell_model) and takes the file's tensors as they are read: no float copy of the ternary
+    weights is ever made, so memory is what the integer model holds.
     """
-    header, state = load_packed(path)
-    model = shell_model(lambda: to_integer(build(header["arch"], header["model_args"]),
-                                           quantize=False))
-    return load_integer_state(model, state), header
+    shell = []
+    header, state = load_packed(path, check=lambda h: shell.append(shell_for(h, build, path)))
+    return load_integer_state(shell[0], state), header

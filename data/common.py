@@ -6,20 +6,25 @@ runs from the repo root as a module, e.g.
     python -m data.cosmopedia.prepare --help    # every option, with its default
 
 A prepared dataset is a folder with train.bin and val.bin (token ids, back to back, in the dtype
-that meta.pkl names) and meta.pkl ({'vocab_size', 'tokenizer': 'char' or 'gpt2', 'dtype'}, plus
-'stoi'/'itos' for characters). Large corpora never sit in memory: documents are tokenized in
-batches and appended to the .bin files as they come. Every file is written beside its final name
-and renamed over it (common.atomic_path), the .bin files and meta.pkl only once all are complete.
+that meta.json names) and meta.json ({'vocab_size', 'tokenizer': 'char' or 'gpt2', 'dtype'}, plus
+'stoi'/'itos' for characters; data.loader.read_meta reads it, and the meta.pkl of folders prepared
+before it, which holds the same dict, only as plain values). Large corpora never sit in memory:
+documents are tokenized in batches and appended to the .bin files as they come. Every file is
+written beside its final name and renamed over it (common.atomic_path), the .bin files and
+meta.json only once all are complete; Ctrl-C at any point leaves the old dataset or the new one,
+and no temporary file.
 """
 
 import codecs
+import json
 import multiprocessing
 import os
-import pickle
+import signal
 import sys
+import threading
 import urllib.request
 from collections import deque
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager
 from itertools import islice
 from pathlib import Path
 
@@ -72,7 +77,11 @@ def tinyshakespeare_text(folder, input_path=None):
     return Path(path).read_text(encoding="utf-8")
 
 
-# ---- meta.pkl -------------------------------------------------------------------------------
+# ---- meta.json ------------------------------------------------------------------------------
+
+META = "meta.json"  # the tokenizer facts of a dataset folder, as JSON (no code can hide in it)
+OLD_META = "meta.pkl"  # what folders prepared before meta.json hold: the same dict, pickled
+
 
 def dtype_for(vocab_size):
     """The smallest dtype that holds every id (0 .. vocab_size-1): 2 bytes a token when it fits."""
@@ -108,11 +117,36 @@ class BinFile:
         ids.astype(self.dtype, copy=False).tofile(self.f)
         self.n += ids.size
 
+    def finish(self):
+        """Close the file, its bytes on disk (so the renames that follow are quick)."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+@contextmanager
+def ctrl_c_deferred():
+    """Ctrl-C during the block takes effect when it ends, so the renames that swap a dataset in
+    are never cut halfway (the main thread's default SIGINT handler only; else a plain block)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
 
 class DatasetWriter:
-    """Writes folder/{split}.bin and meta.pkl, each at a temporary name beside it
+    """Writes folder/{split}.bin and meta.json, each at a temporary name beside it
     (common.atomic_path); they replace the old files only when every split is complete, so a
-    failure halfway leaves the old dataset (or, in a new folder, nothing), never a mixed one.
+    failure or Ctrl-C halfway leaves the old dataset (or, in a new folder, nothing), never a
+    mixed one. A meta.pkl of the old dataset goes once the new one is in place.
 
         with DatasetWriter(folder, meta) as out:
             out.split("train").write(ids)
@@ -124,8 +158,8 @@ class DatasetWriter:
 
     def __enter__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
-        # entered first, so renamed last: meta.pkl names the dtype of .bin files already in place
-        self.meta_tmp = self.stack.enter_context(atomic_path(self.folder / "meta.pkl"))
+        # entered first, so renamed last: meta.json names the dtype of .bin files already in place
+        self.meta_tmp = self.stack.enter_context(atomic_path(self.folder / META))
         return self
 
     def split(self, name):
@@ -145,9 +179,11 @@ class DatasetWriter:
             return self._discard(exc_type, exc, tb)
         try:
             for f in self.files.values():
-                f.f.close()
-            self.meta_tmp.write_bytes(pickle.dumps(self.meta))
-            self.stack.close()  # the renames, the .bin files first, meta.pkl last
+                f.finish()
+            self.meta_tmp.write_text(json.dumps(self.meta) + "\n")  # itos' int keys: strings
+            with ctrl_c_deferred():
+                self.stack.close()  # the renames, the .bin files first, meta.json last
+                (self.folder / OLD_META).unlink(missing_ok=True)  # the old dataset's
         except BaseException:
             self._discard(*sys.exc_info())
             raise
@@ -160,7 +196,7 @@ class DatasetWriter:
 
 
 def write_splits(train_ids, val_ids, folder, meta):
-    """Write in-memory token ids to folder/train.bin and folder/val.bin, with meta.pkl."""
+    """Write in-memory token ids to folder/train.bin and folder/val.bin, with meta.json."""
     with DatasetWriter(folder, meta) as out:
         out.split("train").write(train_ids)
         out.split("val").write(val_ids)
@@ -170,9 +206,9 @@ def write_splits(train_ids, val_ids, folder, meta):
 
 def _encode_batch(task):
     """Worker: (docs, eot) -> (ids of all docs back to back, tokens per doc, utf-8 bytes)."""
-    import tiktoken
+    from data.tokenizer import gpt2_encoding
     docs, eot = task
-    enc = tiktoken.get_encoding("gpt2")  # cached per process by tiktoken
+    enc = gpt2_encoding()  # cached per process by tiktoken
     ids, lengths = [], []
     for doc in docs:
         n = len(ids)
@@ -184,6 +220,10 @@ def _encode_batch(task):
     return np.array(ids, dtype=np.uint16), np.array(lengths, dtype=np.int64), nbytes
 
 
+def _ignore_ctrl_c():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _batched(items, n):
     items = iter(items)
     while batch := list(islice(items, n)):
@@ -193,12 +233,15 @@ def _batched(items, n):
 def gpt2_batches(docs, num_proc=1, batch_docs=256, eot=True):
     """Yield _encode_batch's result for consecutive batches of docs, in order. With num_proc > 1
     the batches go to a pool with a bounded number in flight (Pool.imap would read the whole
-    corpus ahead into memory), so the output is the same bytes for any num_proc."""
+    corpus ahead into memory), so the output is the same bytes for any num_proc. The workers
+    ignore Ctrl-C: it stops this process, which ends them (no traceback from each worker)."""
+    from data.tokenizer import gpt2_encoding
+    gpt2_encoding()  # a missing tokenizer is one line here, before any worker starts
     tasks = ((batch, eot) for batch in _batched(docs, batch_docs))
     if num_proc <= 1:
         yield from map(_encode_batch, tasks)
         return
-    with multiprocessing.Pool(num_proc) as pool:
+    with multiprocessing.Pool(num_proc, initializer=_ignore_ctrl_c) as pool:
         pending = deque()
         for task in tasks:
             pending.append(pool.apply_async(_encode_batch, (task,)))
@@ -232,7 +275,7 @@ def write_docs(docs, out, num_proc=1, max_tokens=0, total_bytes=None, eot=True, 
 
 def write_gpt2_splits(splits, folder, num_proc=1, total_bytes=None, **meta):
     """{'train': docs, 'val': docs} -> folder/{train,val}.bin (EOT after each document) and
-    meta.pkl. Returns the token count of each split."""
+    meta.json. Returns the token count of each split."""
     total_bytes = total_bytes or {}
     with DatasetWriter(folder, gpt2_meta(**meta)) as out:
         for name, docs in splits.items():

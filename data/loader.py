@@ -1,7 +1,11 @@
-"""Batches for training: random windows of a prepared dataset's train.bin / val.bin."""
+"""Batches for training: random windows of a prepared dataset's train.bin / val.bin; and
+read_meta, the one reader of a dataset's meta (meta.json, or an old meta.pkl as plain values)."""
 
 import functools
 import importlib
+import io
+import json
+import os
 import pickle
 from pathlib import Path
 
@@ -10,36 +14,119 @@ import torch
 
 from common import ConfigError
 
-from .tokenizer import tokenizer_kind
+from .common import GPT2_VOCAB_SIZE, META, OLD_META, DataError
+from .tokenizer import gpt2_encoding, tokenizer_kind
 
 REPO = Path(__file__).resolve().parents[1]
 
 AUTO_PREPARE = ("shakespeare_char", "shakespeare")  # small enough to prepare on the fly
+PLAIN = (dict, list, tuple, str, int, float, bool, type(None))  # what an old meta.pkl may hold
+
+
+def prepare_command(folder):
+    """The command that prepares dataset folder `folder` again."""
+    folder = Path(folder)
+    name, data_dir = folder.name, folder.parent
+    if (REPO / "data" / name / "prepare.py").is_file():
+        out = "" if folder.resolve() == REPO / "data" / name else f" --out={folder}"
+        return f"python -m data.{name}.prepare{out}"
+    out = "" if data_dir.resolve() == REPO / "data" else f" --data_dir={data_dir}"
+    return f"python -m data.text.prepare --input=YOUR_TEXT --name={name}{out}"
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle that names a global (a class or a function): unpickling it could run code."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain values only: every global (class, function) is refused, so no code runs."""
+
+    def find_class(self, module, name):
+        raise _Refused(f"it names {module}.{name}")
+
+
+def _is_plain(value):
+    if isinstance(value, dict):
+        return all(_is_plain(k) and _is_plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return type(value) in PLAIN
+
+
+def meta_path(folder):
+    """folder's meta.json, else its old meta.pkl, else None."""
+    for name in (META, OLD_META):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def read_meta(folder):
+    """The dict a prepare script wrote for dataset folder `folder` ({'vocab_size', 'tokenizer',
+    'dtype', ...}), or None when it has none. meta.json is read as JSON (itos' keys back to
+    ints); a meta.pkl (folders prepared before meta.json) only when it holds nothing but plain
+    values: anything else could run code when unpickled, and is refused with one line."""
+    path = meta_path(folder)
+    again = f"prepare the dataset again ({prepare_command(folder)}) to write {META}"
+    if path is None:
+        return None
+    if path.name == META:
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {again}"
+                            ) from None
+    else:
+        try:
+            meta = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
+        except _Refused as e:
+            raise DataError(f"{path} holds objects, not just plain values ({e}); refused, as "
+                            f"unpickling it could run code: {again}") from None
+        except Exception as e:  # a truncated or corrupt pickle raises many types
+            raise DataError(f"{path} is not a readable meta.pkl ({type(e).__name__}); {again}"
+                            ) from None
+        if not _is_plain(meta):
+            raise DataError(f"{path} holds values other than dicts, lists, strings and numbers; "
+                            f"refused: {again}")
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds a {type(meta).__name__}, not a dict; {again}")
+    if isinstance(meta.get("itos"), dict):
+        meta["itos"] = {int(i): ch for i, ch in meta["itos"].items()}  # JSON keys are strings
+    return meta
 
 
 class Data:
-    """Random windows of a tokenized dataset: data_dir/dataset/{train,val}.bin (+ meta.pkl)."""
+    """Random windows of a tokenized dataset: data_dir/dataset/{train,val}.bin (+ meta.json).
+    meta is None for a folder without one (nanoGPT's: GPT-2 BPE assumed); note then says so, in
+    a line printed once (by rank 0)."""
 
     def __init__(self, cfg, device, seed, rank=0, world_size=1):
         self.folder = Path(cfg["data_dir"]) / cfg["dataset"]
         self.block_size, self.batch_size, self.device = cfg["block_size"], cfg["batch_size"], device
         self.ensure_prepared(cfg)
-        self.meta = None
-        if (self.folder / "meta.pkl").exists():
-            with open(self.folder / "meta.pkl", "rb") as f:
-                self.meta = pickle.load(f)
+        self.meta = read_meta(self.folder)
+        self.note = None
+        if self.meta is None:
+            self.note = (f"note: {self.folder} has no {META}; assuming GPT-2 BPE, "
+                         f"{GPT2_VOCAB_SIZE} tokens (as nanoGPT does)")
+            if rank == 0:
+                print(self.note)
         # ids are uint16 unless meta says otherwise (folders prepared before meta had a dtype)
         dtype = (self.meta or {}).get("dtype", "uint16")
         if dtype not in ("uint16", "uint32"):
-            raise ConfigError(f"{self.folder / 'meta.pkl'} has dtype {dtype!r}, not 'uint16' or "
-                              f"'uint32'; prepare the dataset again")
+            raise ConfigError(f"{meta_path(self.folder)} has dtype {dtype!r}, not 'uint16' or "
+                              f"'uint32'; prepare the dataset again "
+                              f"({prepare_command(self.folder)})")
         self.dtype = np.dtype(dtype)
+        self.tokens, self.sizes = {}, {}  # of each split as the run starts; a change: DataError
         for split in ("train", "val"):
-            n = (self.folder / f"{split}.bin").stat().st_size // self.dtype.itemsize
+            self.sizes[split] = (self.folder / f"{split}.bin").stat().st_size
+            n = self.sizes[split] // self.dtype.itemsize
             if n <= self.block_size:
                 raise ConfigError(f"{self.folder / f'{split}.bin'} has {n} tokens, too few for "
                                   f"block_size={self.block_size}; use more text or a smaller "
                                   f"--block_size")
+            self.tokens[split] = n
         # every process draws the windows of all processes from one stream and keeps its own, so
         # N processes see exactly the batches one process sees with N times the accumulation
         self.rank, self.world_size = rank, world_size
@@ -68,28 +155,61 @@ class Data:
             for i, ch in meta["itos"].items():
                 lengths[int(i)] = len(ch.encode("utf-8"))
         elif tokenizer == "gpt2":
-            import tiktoken
-            enc = tiktoken.get_encoding("gpt2")  # <|endoftext|> separates texts: 0 bytes
+            enc = gpt2_encoding()  # <|endoftext|> separates texts: 0 bytes
             lengths = np.array([len(enc.decode_single_token_bytes(i)) if i < enc.eot_token
                                 else 0 for i in range(enc.n_vocab)], dtype=np.int64)
         else:
             return None
-        ids = np.memmap(self.folder / "val.bin", dtype=self.dtype, mode="r")
-        counts = np.bincount(ids, minlength=len(lengths))[:len(lengths)]
-        return float(counts @ lengths) / len(ids)
+        counts, n = np.zeros(len(lengths), dtype=np.int64), 0
+        with self.open_split("val") as f:  # in chunks: val.bin may be large
+            while chunk := f.read((1 << 24) * self.dtype.itemsize):
+                ids = np.frombuffer(chunk, dtype=self.dtype)
+                counts += np.bincount(ids, minlength=len(lengths))[:len(lengths)]
+                n += len(ids)
+        if n != self.tokens["val"]:
+            raise self.changed("val", n)
+        return float(counts @ lengths) / n
+
+    def changed(self, split, now):
+        """The DataError of a split whose file changed under the run (now: its tokens, or None
+        when it is gone)."""
+        now = "now deleted" if now is None else f"now {now:,} tokens"
+        return DataError(f"{self.folder / f'{split}.bin'} changed during the run ({now}, "
+                         f"{self.tokens[split]:,} when it started): it is not the data this run "
+                         f"trains on; the last checkpoint is intact, prepare the data again "
+                         f"({prepare_command(self.folder)}) and resume with --init_from=resume")
+
+    def open_split(self, split):
+        """The split's file, opened for reading; a DataError when it is gone or changed size."""
+        try:
+            f = open(self.folder / f"{split}.bin", "rb")
+        except FileNotFoundError:
+            raise self.changed(split, None) from None
+        size = os.fstat(f.fileno()).st_size
+        if size != self.sizes[split]:
+            f.close()
+            raise self.changed(split, size // self.dtype.itemsize)
+        return f
 
     def batch(self, split, generator=None):
         """A (x, y) batch of windows; training batches are this process's share, evaluation
-        batches (from the given generator) are the same on every process."""
-        # a fresh memmap per batch avoids a memory leak (as nanoGPT notes)
-        data = np.memmap(self.folder / f"{split}.bin", dtype=self.dtype, mode="r")
+        batches (from the given generator) are the same on every process. A split file deleted,
+        truncated or replaced by one of another size since the run started is a DataError."""
         B, n = self.batch_size, 1 if generator else self.world_size
-        r = 0 if generator else self.rank
-        ix = torch.randint(len(data) - self.block_size, (n * B,),
-                           generator=generator or self.generator)[r * B:(r + 1) * B]
-        T = self.block_size
-        x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in ix])
+        r, T = 0 if generator else self.rank, self.block_size
+        width = self.dtype.itemsize
+        with self.open_split(split) as f:  # read, not mmapped: a file cut short cannot crash us
+            ix = torch.randint(self.tokens[split] - T, (n * B,),
+                               generator=generator or self.generator)[r * B:(r + 1) * B]
+            windows = np.empty((len(ix), T + 1), dtype=self.dtype)
+            for row, i in enumerate(ix.tolist()):
+                f.seek(i * width)
+                chunk = f.read((T + 1) * width)
+                if len(chunk) != (T + 1) * width:  # cut short since open_split checked its size
+                    raise self.changed(split, (i * width + len(chunk)) // width)
+                windows[row] = np.frombuffer(chunk, dtype=self.dtype)
+        windows = torch.from_numpy(windows.astype(np.int64))
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         if self.device.startswith("cuda"):
             return (x.pin_memory().to(self.device, non_blocking=True),
                     y.pin_memory().to(self.device, non_blocking=True))

@@ -1,8 +1,10 @@
 """Shared fixtures: the real Tiny Shakespeare corpus (offline copy) and tiny training configs.
 
 The corpus comes from $TINYSHAKESPEARE_PATH, else ../shared/data/tinyshakespeare/input.txt beside
-the repo; tests that need it skip, saying so, when neither exists. GPT-2 BPE tests use the offline
-tiktoken cache in ../shared/tiktoken when TIKTOKEN_CACHE_DIR is not set.
+the repo, else data/shakespeare_char/input.txt (where python train.py downloads it); tests that
+need it skip, saying so, when none exists. GPT-2 BPE tests use the offline tiktoken cache in
+../shared/tiktoken when TIKTOKEN_CACHE_DIR is not set, and skip, saying so, when the GPT-2 files
+are not in the cache (the gpt2_encoding fixture: it never downloads).
 """
 
 import os
@@ -19,19 +21,55 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
 
 def corpus_path():
     env = os.environ.get("TINYSHAKESPEARE_PATH")
-    if env and Path(env).is_file():
-        return Path(env)
-    local = SHARED / "data" / "tinyshakespeare" / "input.txt"
-    return local if local.is_file() else None
+    candidates = [Path(env)] if env else []
+    candidates += [SHARED / "data" / "tinyshakespeare" / "input.txt",
+                   ROOT / "data" / "shakespeare_char" / "input.txt"]
+    return next((path for path in candidates if path.is_file()), None)
 
 
 @pytest.fixture(scope="session")
 def corpus():
     path = corpus_path()
     if path is None:
-        pytest.skip("Tiny Shakespeare not found: set TINYSHAKESPEARE_PATH or put ../shared beside "
-                    "the repo")
+        pytest.skip("Tiny Shakespeare not found: set TINYSHAKESPEARE_PATH, put ../shared beside "
+                    "the repo or data/shakespeare_char/input.txt in it")
     return path
+
+
+def gpt2_offline():
+    """(tiktoken's GPT-2 encoding, None) when its files are in the cache, else (None, why):
+    loaded with downloads refused, so a test never waits on the network."""
+    import tiktoken.load
+    import tiktoken.registry
+
+    from data.common import DataError
+    from data.tokenizer import gpt2_encoding
+    if "gpt2" in tiktoken.registry.ENCODINGS:
+        return tiktoken.registry.ENCODINGS["gpt2"], None
+
+    def offline(blobpath):
+        if "://" in blobpath:
+            raise ConnectionError(f"tests do not download ({blobpath})")
+        return read_file(blobpath)
+
+    read_file = tiktoken.load.read_file
+    tiktoken.load.read_file = offline
+    try:
+        return gpt2_encoding(), None
+    except DataError as e:
+        return None, str(e)
+    finally:
+        tiktoken.load.read_file = read_file
+
+
+@pytest.fixture(scope="session")
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding; the test skips, saying why, when its files are not cached."""
+    pytest.importorskip("tiktoken")
+    enc, why = gpt2_offline()
+    if enc is None:
+        pytest.skip(f"GPT-2 BPE unavailable offline: {why}")
+    return enc
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +93,7 @@ def tiny_cfg(data_dir, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def bpe_data_dir(corpus, tmp_path_factory):
+def bpe_data_dir(corpus, gpt2_encoding, tmp_path_factory):
     """A data_dir holding shakespeare (GPT-2 BPE, offline tiktoken cache) from the local corpus."""
     from data.shakespeare.prepare import prepare
     root = tmp_path_factory.mktemp("bpe_data")

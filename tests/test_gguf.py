@@ -7,7 +7,6 @@ keeps K and V in fp16. Stated bounds: top-1 agreement >= 95% of positions, max a
 < 0.1 (measured on these models: 100% and 0.0009-0.023).
 """
 
-import pickle
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ import torch
 
 from bitlinear import ternarize, to_integer
 from common import load_checkpoint, model_from_checkpoint
+from data.loader import read_meta
 from export import main as export_main
 from llama.gguf import ExportError, check_exportable, rope_pairs_adjacent
 from tests.test_hf import val_ids
@@ -129,7 +129,7 @@ def test_tq1_and_tq2_files_give_identical_logits(train_llama, data_dir):
 
 def test_llama_cpp_tokenizes_and_generates_characters(train_llama, data_dir):
     out = train_llama(**BITNET)
-    meta = pickle.loads((data_dir / "shakespeare_char" / "meta.pkl").read_bytes())
+    meta = read_meta(data_dir / "shakespeare_char")
     llm = llama_cpp().Llama(model_path=str(export_gguf(out)), n_ctx=64, n_threads=2,
                             verbose=False)
     try:

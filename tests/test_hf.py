@@ -10,7 +10,6 @@ and then rounds the other way; measured on llama_bitnet_5m: max 0.10, top-1 99.7
 """
 
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import torch
 from bitlinear import to_integer
 from bitlinear.pack import pack_2bit_rows, unpack_2bit_rows
 from common import load_checkpoint, model_from_checkpoint
+from data.loader import read_meta
 from export import main as export_main
 from llama.hf import ExportError, check_exportable
 from sample import generate
@@ -44,7 +44,7 @@ VARIANTS = {
 def val_ids(data_dir, n, dataset="shakespeare_char"):
     """The first n tokens of the validation split: real text the model did not train on."""
     folder = data_dir / dataset
-    meta = pickle.loads((folder / "meta.pkl").read_bytes())
+    meta = read_meta(folder)
     ids = np.fromfile(folder / "val.bin", dtype=meta["dtype"])[:n].astype(np.int64)
     return torch.from_numpy(ids)[None]
 
@@ -110,7 +110,7 @@ def test_char_tokenizer_and_pipeline(train_llama, data_dir):
     out = train_llama(subln=True, tie_embeddings=True)
     export_main([f"--out_dir={out}", "--format=hf"])
     tok = AutoTokenizer.from_pretrained(out / "hf")
-    meta = pickle.loads((data_dir / "shakespeare_char" / "meta.pkl").read_bytes())
+    meta = read_meta(data_dir / "shakespeare_char")
     text = "First Citizen:\nBefore we proceed any further, hear me speak."
     assert tok(text).input_ids == [meta["stoi"][c] for c in text]
     assert tok.decode(tok(text).input_ids) == text

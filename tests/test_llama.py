@@ -102,7 +102,8 @@ def test_loss_falls_on_real_data(tiny_cfg):
     from train import train
     for bitlinear in (True, False):
         cfg = dict(tiny_cfg, arch="llama", bitlinear=bitlinear, max_iters=50, lr_decay_iters=50,
-                   eval_interval=50, eval_iters=4, learning_rate=2e-3, n_kv_head=1)
+                   eval_interval=50, eval_iters=4, learning_rate=2e-3, n_kv_head=1,
+                   overwrite=True)
         first = train(dict(cfg, max_iters=0))
         last = train(cfg)
         assert first["val"] > 4.0

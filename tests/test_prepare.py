@@ -2,7 +2,7 @@
 own text streamed in chunks (char and GPT-2), uint32 ids, one-line errors, and training on it."""
 
 import importlib
-import pickle
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +19,8 @@ EOT_TEXT = "<|endoftext|>"
 
 
 @pytest.fixture(scope="module")
-def enc():
-    tiktoken = pytest.importorskip("tiktoken")
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # no network and no cache
-        pytest.skip(f"GPT-2 BPE files unavailable offline ({e}); set TIKTOKEN_CACHE_DIR")
+def enc(gpt2_encoding):
+    return gpt2_encoding  # skips, saying why, without the GPT-2 files in tiktoken's cache
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +35,9 @@ def read(folder, split, dtype=np.uint16):
 
 
 def read_meta(folder):
-    return pickle.loads((Path(folder) / "meta.pkl").read_bytes())
+    from data.loader import read_meta
+    assert (Path(folder) / "meta.json").is_file() and not (Path(folder) / "meta.pkl").exists()
+    return read_meta(folder)
 
 
 def joined(docs):
@@ -177,7 +175,8 @@ TRICKY = "Café — naïve 🙂 façade\n" * 7 + "🎭🎭 end — é\n"
 
 @pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 64])
-def test_text_streams_across_multibyte_characters(tokenizer, chunk_size, enc, tmp_path):
+def test_text_streams_across_multibyte_characters(tokenizer, chunk_size, request, tmp_path):
+    enc = request.getfixturevalue("enc") if tokenizer == "gpt2" else None
     path = tmp_path / "t.txt"
     path.write_text(TRICKY, encoding="utf-8")
     data = TRICKY.encode("utf-8")
@@ -272,3 +271,188 @@ def test_text_cli_error_has_no_traceback(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: '{tmp_path}/bad.txt' is not UTF-8 text: invalid byte 0x80 at byte offset 2")
+
+
+# ---- GPT-2 BPE offline without tiktoken's cache ----------------------------------------------
+
+@pytest.fixture
+def no_gpt2_files(tmp_path, monkeypatch):
+    """An empty tiktoken cache and no network: every GPT-2 BPE download fails, as offline."""
+    pytest.importorskip("tiktoken")
+    import requests
+    import tiktoken.registry
+
+    def offline(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Max retries exceeded (offline)")
+
+    cache = tmp_path / "empty_cache"
+    cache.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget the encoding loaded so far
+    monkeypatch.setattr(requests, "get", offline)
+    return (rf"^GPT-2 BPE needs its encoding files \(encoder\.json and vocab\.bpe from "
+            rf"https://\S+\), which are not in the tiktoken cache {cache} and could not be "
+            rf"downloaded \(ConnectionError\); set TIKTOKEN_CACHE_DIR to a cache that holds "
+            rf"them, or go online once to fill it$")
+
+
+def test_gpt2_offline_without_its_files_is_one_line(no_gpt2_files, corpus, tmp_path,
+                                                    monkeypatch):
+    import types
+
+    from data.common import DataError, gpt2_meta, write_splits
+    from data.loader import Data
+    from data.shakespeare.prepare import SETTINGS, main
+    from data.tokenizer import Tokenizer, gpt2_encoding, gpt2_vocab
+    from train import DEFAULTS, resolve
+    with pytest.raises(DataError, match=no_gpt2_files):
+        gpt2_encoding()
+    with pytest.raises(DataError, match=no_gpt2_files):
+        Tokenizer(gpt2_meta())  # sample.py, bench_export
+    with pytest.raises(DataError, match=no_gpt2_files):
+        gpt2_vocab()  # export --format=hf / gguf
+    # python -m data.shakespeare.prepare: one line, and no dataset folder
+    with pytest.raises(SystemExit) as e:
+        run_cli(SETTINGS, main, "-m data.shakespeare.prepare",
+                argv=[f"--input={corpus}", f"--out={tmp_path / 'sp'}"])
+    assert e.value.code.startswith("error: GPT-2 BPE needs its encoding files")
+    assert not (tmp_path / "sp").exists()
+    # python train.py --dataset=shakespeare prepares it: the same line
+    cfg = resolve(dict(DEFAULTS, device="cpu", data_dir=str(tmp_path), dataset="shakespeare"))
+    with pytest.raises(DataError, match=no_gpt2_files):
+        Data(cfg, "cpu", 0)
+    # a GPT-2 dataset prepared elsewhere trains; its bits per byte need the files
+    write_splits([1, 2, 3] * 40, [3, 2, 1] * 40, tmp_path / "bpe", gpt2_meta())
+    data = Data(dict(cfg, dataset="bpe", block_size=8, batch_size=4), "cpu", 0)
+    assert data.batch("train")[0].shape == (4, 8)
+    with pytest.raises(DataError, match=no_gpt2_files):
+        _ = data.val_bytes_per_token
+    # the user's text with the GPT-2 tokenizer, and the HF corpora before their download
+    (tmp_path / "in.txt").write_text("some text\n" * 100)
+    with pytest.raises(DataError, match=no_gpt2_files):
+        prepare_text(tmp_path / "in.txt", "mine", tmp_path, tokenizer="gpt2")
+    assert not (tmp_path / "mine").exists()
+    monkeypatch.setitem(sys.modules, "datasets", types.ModuleType("datasets"))  # installed
+    for script in ("tinystories", "openwebtext", "cosmopedia"):
+        mod = importlib.import_module(f"data.{script}.prepare")
+        with pytest.raises(SystemExit) as e:
+            run_cli(mod.SETTINGS, mod.prepare, "prepare.py", argv=[])
+        assert e.value.code.startswith("error: GPT-2 BPE needs its encoding files"), script
+
+
+def test_gpt2_offline_cli_has_no_traceback(corpus, tmp_path):
+    # a real process: an empty cache, and every connection refused (a proxy nobody listens on)
+    (tmp_path / "cache").mkdir()
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env.update(TIKTOKEN_CACHE_DIR=str(tmp_path / "cache"), HTTPS_PROXY="http://127.0.0.1:9",
+               https_proxy="http://127.0.0.1:9")
+    r = subprocess.run([sys.executable, "-m", "data.shakespeare.prepare", f"--input={corpus}",
+                        f"--out={tmp_path / 'sp'}"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: GPT-2 BPE needs its encoding files (encoder.json and vocab.bpe from "
+        f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/), which are not in "
+        f"the tiktoken cache {tmp_path}/cache and could not be downloaded (ProxyError); set "
+        f"TIKTOKEN_CACHE_DIR to a cache that holds them, or go online once to fill it"]
+    assert not (tmp_path / "sp").exists()
+
+
+def test_gpt2_tests_skip_without_its_files(tmp_path):
+    # the suite offline with an empty tiktoken cache: GPT-2 tests skip, saying why
+    (tmp_path / "cache").mkdir()
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                        "tests/test_data.py::test_bytes_per_token_gives_bits_per_byte"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 skipped" in r.stdout and "GPT-2 BPE unavailable offline: GPT-2 BPE needs its " \
+        "encoding files" in r.stdout
+
+
+# ---- Ctrl-C: no traceback, no partial files --------------------------------------------------
+
+def test_ctrl_c_while_writing_leaves_the_old_dataset_or_nothing(tmp_path):
+    from data.common import DatasetWriter, char_meta, write_splits
+    folder = tmp_path / "ds"
+    write_splits([0, 1] * 10, [1, 0] * 5, folder, char_meta(["a", "b"]))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(KeyboardInterrupt), \
+            DatasetWriter(folder, char_meta(["a", "b", "c"])) as out:
+        out.split("train").write([2] * 50)
+        raise KeyboardInterrupt
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no .tmp files
+    with pytest.raises(KeyboardInterrupt), DatasetWriter(tmp_path / "new", char_meta(["a"])) as out:
+        out.split("train").write([0])
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_ctrl_c_waits_for_the_renames_that_swap_a_dataset_in():
+    import signal
+
+    from data.common import ctrl_c_deferred
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("renamed")
+    assert done == ["renamed"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_gpt2_workers_leaves_no_file_and_no_traceback(corpus, enc, tmp_path):
+    import signal
+    import time
+    big = tmp_path / "big.txt"
+    big.write_text(corpus.read_text(encoding="utf-8") * 30, encoding="utf-8")  # 33 MB
+    p = subprocess.Popen([sys.executable, "-m", "data.text.prepare", f"--input={big}",
+                          "--name=big", f"--data_dir={tmp_path}", "--tokenizer=gpt2",
+                          "--num_proc=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 60
+    # once the workers' first tokens are in train.bin's temporary file, Ctrl-C (to the group)
+    while time.time() < deadline and p.poll() is None and not any(
+            f.stat().st_size for f in (tmp_path / "big").glob(".train.bin.tmp*")):
+        time.sleep(0.01)
+    assert p.poll() is None, "the prepare ended before it could be interrupted"
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and "Traceback" not in err, err
+    assert not (tmp_path / "big").exists()  # no partial dataset, no temporary files
+
+
+IDLE_WORKERS = """
+import sys, time
+from common import run_cli
+from data.common import DatasetWriter, gpt2_meta, write_docs
+
+def docs():  # two batches for the two workers, then the reading stalls: the workers wait idle
+    for i in range(1000):
+        yield "a short document. " * 20
+        if i == 600:
+            print("idle", flush=True)
+            time.sleep(60)
+
+def write(cfg):
+    with DatasetWriter(sys.argv[1], gpt2_meta()) as out:
+        write_docs(docs(), out.split("train"), num_proc=2)
+
+run_cli({}, write, "idle", argv=[])
+"""
+
+
+def test_ctrl_c_reaches_idle_gpt2_workers_without_a_traceback(enc, tmp_path):
+    import signal
+    p = subprocess.Popen([sys.executable, "-c", IDLE_WORKERS, str(tmp_path / "ds")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         start_new_session=True)
+    assert p.stdout.readline() == "idle\n"
+    os.killpg(p.pid, signal.SIGINT)  # as Ctrl-C in a terminal: every process of the group
+    try:
+        _, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # workers that die of it can leave the pool hanging
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"still running 30 s after Ctrl-C: {p.communicate()[1][-2000:]}")
+    assert p.returncode != 0 and "Traceback" not in err, err
+    assert not (tmp_path / "ds").exists()

@@ -15,7 +15,7 @@ from train import get_lr, start, train
 def test_loss_falls_on_real_data(tiny_cfg):
     for bitlinear in (True, False):
         cfg = dict(tiny_cfg, bitlinear=bitlinear, max_iters=50, lr_decay_iters=50,
-                   eval_interval=50, eval_iters=4, learning_rate=2e-3)
+                   eval_interval=50, eval_iters=4, learning_rate=2e-3, overwrite=True)
         first = train(dict(cfg, max_iters=0))
         last = train(cfg)
         assert first["val"] > 4.0  # ~ln(65) at init

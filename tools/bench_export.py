@@ -55,13 +55,13 @@ def have(module):
 
 def val_windows(ckpt, n, block):
     """n windows of block tokens from the start of the checkpoint's val split."""
-    import pickle
+    from data.loader import read_meta
     folder = Path(ckpt["config"]["data_dir"]) / ckpt["config"]["dataset"]
     if not (folder / "val.bin").is_file():
         raise ConfigError(f"no {folder}/val.bin to measure agreement on; prepare the dataset or "
                           f"pass --val_windows=0")
-    meta = pickle.loads((folder / "meta.pkl").read_bytes())
-    ids = np.fromfile(folder / "val.bin", dtype=meta["dtype"])[:n * block].astype(np.int64)
+    dtype = (read_meta(folder) or {}).get("dtype", "uint16")  # no meta: nanoGPT's uint16
+    ids = np.fromfile(folder / "val.bin", dtype=dtype)[:n * block].astype(np.int64)
     return torch.from_numpy(ids).view(n, block)
 
 

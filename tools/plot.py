@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import ConfigError, defaults, run_cli
+from common import ConfigError, UserError, defaults, run_cli
 
 SETTINGS = dict(
     out=("loss.png", "the PNG file to write"),
@@ -24,11 +24,20 @@ DEFAULTS = defaults(SETTINGS)
 
 
 def read_metrics(path):
-    """The records of a metrics.jsonl file (or of out_dir/metrics.jsonl), in order."""
+    """The records of a metrics.jsonl file (or of out_dir/metrics.jsonl), in order. A last line
+    torn by a crash is left out; a bad line before it is a one-line error."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}, line {i + 1}, is not a JSON record") from None
+    return records
 
 
 def pyplot():

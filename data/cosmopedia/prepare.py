@@ -1,5 +1,5 @@
 """A subset of Cosmopedia (HuggingFaceTB/cosmopedia) in GPT-2 BPE tokens: train.bin, val.bin
-(uint16), meta.pkl. BitNet-LLama-70M was trained on a subset of it.
+(uint16), meta.json. BitNet-LLama-70M was trained on a subset of it.
 
     python -m data.cosmopedia.prepare --subset=stories --max_docs=100000 [--num_proc=8]
     python -m data.cosmopedia.prepare --subset=wikihow --max_docs=0      # the whole subset
@@ -29,6 +29,7 @@ from data.common import (
     require_datasets,
     write_docs,
 )
+from data.tokenizer import gpt2_encoding
 
 HERE = Path(__file__).parent
 HF_NAME = "HuggingFaceTB/cosmopedia"
@@ -40,7 +41,7 @@ SETTINGS = {
     "max_tokens": (0, "train tokens, stopping after the document that reaches it; 0: no limit"),
     "val_docs": (1000, "the first documents of the stream, which become val.bin"),
     "num_proc": (max(1, (os.cpu_count() or 2) // 2), "tokenizer processes"),
-    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.pkl"),
+    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.json"),
 }
 DEFAULTS = defaults(SETTINGS)
 
@@ -61,6 +62,7 @@ def prepare(cfg):
     if min(cfg["val_docs"], cfg["max_docs"], cfg["max_tokens"]) < 0 or cfg["val_docs"] == 0:
         raise DataError("val_docs must be positive; max_docs and max_tokens >= 0 (0: no limit)")
     datasets = require_datasets("python -m data.cosmopedia.prepare")
+    gpt2_encoding()  # offline without the GPT-2 BPE files: one line, before the download
     limits = [f"{cfg['max_docs']:,} documents"] if cfg["max_docs"] else []
     limits += [f"{cfg['max_tokens']:,} tokens"] if cfg["max_tokens"] else []
     print(f"Cosmopedia: streaming {HF_NAME} subset '{cfg['subset']}' from the HuggingFace hub "

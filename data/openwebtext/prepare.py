@@ -1,4 +1,4 @@
-"""OpenWebText in GPT-2 BPE tokens, as nanoGPT prepares it: train.bin, val.bin (uint16), meta.pkl.
+"""OpenWebText in GPT-2 BPE tokens, as nanoGPT prepares it: train.bin, val.bin (uint16), meta.json.
 
     python -m data.openwebtext.prepare [--num_proc=8] [--out=data/openwebtext]
 
@@ -15,13 +15,14 @@ from pathlib import Path
 
 from common import defaults, run_cli
 from data.common import hf_num_bytes, hf_texts, load_hf, require_datasets, write_gpt2_splits
+from data.tokenizer import gpt2_encoding
 
 HERE = Path(__file__).parent
 SETTINGS = {
     "num_proc": (max(1, (os.cpu_count() or 2) // 2), "tokenizer (and download) processes"),
     "hf_name": ("Skylion007/openwebtext", "the HuggingFace hub dataset to read (a parquet copy "
                                           "works)"),
-    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.pkl"),
+    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.json"),
 }
 DEFAULTS = defaults(SETTINGS)
 VAL_FRACTION, SEED = 0.0005, 2357  # nanoGPT's split: ~4,000 documents for validation
@@ -35,6 +36,7 @@ def write(train_docs, val_docs, out, num_proc=1, total_bytes=None):
 
 def prepare(cfg):
     datasets = require_datasets("python -m data.openwebtext.prepare")
+    gpt2_encoding()  # offline without the GPT-2 BPE files: one line, before the download
     print(f"OpenWebText: downloading {cfg['hf_name']} (8M documents, ~54 GB of HuggingFace "
           f"cache), then writing ~17 GB of GPT-2 tokens (~9B) to {cfg['out']}")
     ds = load_hf(datasets, cfg["hf_name"], num_proc=cfg["num_proc"])["train"]

@@ -1,4 +1,4 @@
-"""Tiny Shakespeare, one token per character: train.bin, val.bin (uint16) and meta.pkl (1.1 MB).
+"""Tiny Shakespeare, one token per character: train.bin, val.bin (uint16) and meta.json (1.1 MB).
 
     python -m data.shakespeare_char.prepare [--input=path/to/input.txt] [--out=folder]
 
@@ -14,7 +14,7 @@ HERE = Path(__file__).parent
 SETTINGS = {
     "input": ("", f"the Tiny Shakespeare text; empty: ${TINYSHAKESPEARE_ENV}, else "
                   f"<out>/input.txt, downloaded when missing"),
-    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.pkl"),
+    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.json"),
 }
 
 

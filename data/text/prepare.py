@@ -1,4 +1,4 @@
-"""Your own text as a dataset: data/<name>/{train,val}.bin and meta.pkl, for --dataset=<name>.
+"""Your own text as a dataset: data/<name>/{train,val}.bin and meta.json, for --dataset=<name>.
 
     python -m data.text.prepare --input=my.txt --tokenizer=char --name=mydata
     python -m data.text.prepare --input=big.txt --tokenizer=gpt2 --name=big --num_proc=4
@@ -7,7 +7,7 @@
 Any UTF-8 file that fits on disk: it is read in chunks of chunk_size bytes, never whole. The last
 val_fraction of the file (cut at a character boundary) becomes val.bin, the rest train.bin.
 - char: one token per distinct character; a first pass collects the characters, a second writes
-  their ids (uint16, or uint32 past 65,536 distinct characters). meta.pkl holds the vocabulary.
+  their ids (uint16, or uint32 past 65,536 distinct characters). meta.json holds the vocabulary.
 - gpt2: GPT-2 BPE via tiktoken (uint16, vocab_size 50304 for the model). Chunks are cut after a
   newline between two lines of text, so the tokens are those of the whole file tokenized at
   once (only a chunk with no such newline in it is cut where it ends).
@@ -30,6 +30,7 @@ from data.common import (
     write_docs,
 )
 from data.tokenizer import KINDS as TOKENIZERS
+from data.tokenizer import gpt2_encoding
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = {
@@ -135,6 +136,8 @@ def write_gpt2(path, ranges, folder, chunk_size, num_proc):
 
 def prepare(cfg):
     path, folder = check(cfg)
+    if cfg["tokenizer"] == "gpt2":
+        gpt2_encoding()  # offline without the GPT-2 BPE files: one line, before any work
     ranges = split_ranges(path, cfg["val_fraction"])
     print(f"{path}: {ranges['val'][1]:,} bytes -> {folder} ({cfg['tokenizer']} tokens; "
           f"val is the last {cfg['val_fraction']:.1%})")

@@ -1,4 +1,4 @@
-"""TinyStories (roneneldan/TinyStories) in GPT-2 BPE tokens: train.bin, val.bin (uint16), meta.pkl.
+"""TinyStories (roneneldan/TinyStories) in GPT-2 BPE tokens: train.bin, val.bin (uint16), meta.json.
 
     python -m data.tinystories.prepare [--num_proc=8] [--out=data/tinystories]
 
@@ -13,12 +13,13 @@ from pathlib import Path
 
 from common import defaults, run_cli
 from data.common import hf_num_bytes, hf_texts, load_hf, require_datasets, write_gpt2_splits
+from data.tokenizer import gpt2_encoding
 
 HERE = Path(__file__).parent
 HF_NAME = "roneneldan/TinyStories"
 SETTINGS = {
     "num_proc": (max(1, (os.cpu_count() or 2) // 2), "tokenizer (and download) processes"),
-    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.pkl"),
+    "out": (str(HERE), "the dataset folder that gets train.bin, val.bin and meta.json"),
 }
 DEFAULTS = defaults(SETTINGS)
 
@@ -31,6 +32,7 @@ def write(train_docs, val_docs, out, num_proc=1, total_bytes=None):
 
 def prepare(cfg):
     datasets = require_datasets("python -m data.tinystories.prepare")
+    gpt2_encoding()  # offline without the GPT-2 BPE files: one line, before the download
     print(f"TinyStories: downloading {HF_NAME} (~1 GB of parquet, 2.1M stories) into the "
           f"HuggingFace cache, then writing ~1 GB of GPT-2 tokens to {cfg['out']}")
     ds = load_hf(datasets, HF_NAME, num_proc=cfg["num_proc"])
