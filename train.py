@@ -92,7 +92,7 @@ SETTINGS = dict(
     lr_decay_iters=(2000, "step at which the decay reaches min_lr"),
     min_lr=(1e-4, "learning rate at the end of the decay"),
     # system
-    backend=("nccl", "torchrun's backend: 'nccl' on GPUs, 'gloo' on CPUs"),
+    backend=("auto", "torchrun's backend: 'auto' (nccl on GPUs, gloo on CPUs), 'nccl', 'gloo'"),
     fsdp=(False, "shard weights, gradients and AdamW state across processes (FSDP2)"),
     activation_checkpointing=(False, "recompute each block's activations in the backward"),
     device=("auto", "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'"),
@@ -233,7 +233,10 @@ def setup_processes(cfg):
     if accum % world_size:
         raise ConfigError(f"gradient_accumulation_steps={accum} does not divide across "
                           f"{world_size} processes; make it a multiple of {world_size}")
-    torch.distributed.init_process_group(backend=cfg["backend"])
+    backend = cfg["backend"]
+    if backend == "auto":
+        backend = "nccl" if cfg["device"].startswith("cuda") else "gloo"
+    torch.distributed.init_process_group(backend=backend)
     if cfg["device"].startswith("cuda"):
         cfg["device"] = f"cuda:{local_rank}"
         torch.cuda.set_device(cfg["device"])

@@ -135,9 +135,12 @@ def test_a_diverged_run_without_a_checkpoint_says_so(tiny_cfg):
 def test_the_defaults_run_on_more_processes_than_micro_batches(monkeypatch, capsys):
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: None)
-    cfg = dict(DEFAULTS, backend="gloo", device="cpu")
+    backends = []
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend: backends.append(backend))
+    cfg = dict(DEFAULTS, device="cpu")  # backend 'auto'
     assert setup_processes(cfg) == (0, 2)
+    assert backends == ["gloo"]  # nccl needs GPUs
     assert cfg["gradient_accumulation_steps"] == 1  # one micro-batch in each of the two
     assert "gradient_accumulation_steps=1 on 2 processes: one micro-batch each" in \
         capsys.readouterr().out
