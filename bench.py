@@ -221,7 +221,8 @@ def count(n):
 
 def configs():
     """The config files with their facts, smallest model first."""
-    facts = [(p, *config_facts(p)) for p in Path(__file__).parent.glob("configs/*.py")]
+    paths = [p for p in Path(__file__).parent.glob("configs/*.py") if p.name != "__init__.py"]
+    facts = [(p, *config_facts(p)) for p in paths]
     return sorted(facts, key=lambda f: (f[3], f[0].name))
 
 
