@@ -354,25 +354,46 @@ def load_model(path):
             raise CheckpointError(f"'{path}' does not fit this code's models "
                                   f"({type(e).__name__}: {first_line(e)})") from None
         return model, header.get("meta")
+    if path.is_dir():  # a transformers folder of a LLaMA or BitNet model
+        from bitlinear import to_integer
+        from llama.hf_import import load_hf_model
+        model, args, meta = load_hf_model(path)
+        return (to_integer(model.eval()) if args["bitlinear"] else model.eval()), meta
     ckpt = load_checkpoint(path)
     return model_from_checkpoint(ckpt, path), ckpt.get("meta")
 
 
 def load_init_weights(path, arch):
     """(model_args, state dict) for a run that starts from trained weights (--init_from=PATH):
-    a BitGPT checkpoint, or a transformers folder (llama/hf.py import)."""
-    path = Path(path)
+    a BitGPT checkpoint, a transformers folder (gpt/hf.py imports GPT-2, llama/hf.py LLaMA and
+    BitNet), or OpenAI's GPT-2 by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)."""
+    from gpt.hf import GPT2_NAMES, download_gpt2
+    from llama.hf_import import read_config
+    name = str(path)
+    if name in GPT2_NAMES and arch != "gpt":
+        raise CheckpointError(f"--init_from={name} is a GPT-2 model: use --arch=gpt")
+    path = download_gpt2(name) if name in GPT2_NAMES else Path(path)
     if not path.is_dir():
         ckpt = load_checkpoint(path, arch=arch)
         return ckpt["model_args"], ckpt["model"]
-    if arch != "llama":
-        raise CheckpointError(f"'{path}' is a transformers folder, which holds a LLaMA-"
-                              f"architecture model: add --arch=llama")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"'{path}' is a folder without config.json: not a transformers "
                               f"model folder")
+    kind = read_config(path).get("model_type")
+    if kind == "gpt2":
+        if arch != "gpt":
+            raise CheckpointError(f"'{path}' holds a GPT-2 model (model_type 'gpt2'): use "
+                                  f"--arch=gpt")
+        from gpt.hf import load_gpt2
+        return load_gpt2(path)
+    if arch != "llama":
+        raise CheckpointError(
+            f"'{path}' is a transformers folder, which holds a LLaMA-architecture model: add "
+            f"--arch=llama" if kind in ("llama", "bitnet") else
+            f"'{path}' holds a {kind!r} model; BitGPT imports model_type 'gpt2' (--arch=gpt), "
+            f"'llama' or 'bitnet' (--arch=llama)")
     try:
-        from llama.hf import load_hf
+        from llama.hf_import import load_hf
         args, state, _ = load_hf(path)
     except ImportError as e:
         raise CheckpointError(f"importing '{path}' needs {e.name}: pip install -r "

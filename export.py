@@ -3,7 +3,7 @@
     python export.py --out_dir=out                        # writes out/model.bitnet
     python export.py --out_dir=out --packing=base3 --to=model.bitnet
     python sample.py --ckpt=out/model.bitnet --start="ROMEO:"
-    python export.py --out_dir=out --format=hf --to=out/hf              # LLaMA models only
+    python export.py --out_dir=out --format=hf --to=out/hf
     python export.py --out_dir=out --format=gguf --to=out/model.gguf [--qtype=tq1_0]
 
 --format=packed: the file format is described in bitlinear/packed_file.py and README. Every
@@ -16,9 +16,9 @@ and the output head as int8 with one scale per row instead (half the bytes of fp
 runs as an integer matmul), which changes the logits slightly: the model is no longer exactly
 the trained one.
 
---format=hf and --format=gguf (pip install -r requirements-dev.txt): see llama/hf.py and
-llama/gguf.py for which model options map to which transformers class and llama.cpp
-architecture; the others are refused with a message that says why.
+--format=hf and --format=gguf (pip install -r requirements-dev.txt): see gpt/hf.py, llama/hf.py,
+gpt/gguf.py and llama/gguf.py for which model options map to which transformers class and
+llama.cpp architecture; the others are refused with a message that says why.
 """
 
 from dataclasses import asdict
@@ -49,7 +49,8 @@ SETTINGS = dict(
     float_dtype=("", "embeddings, norms, head: 'fp16', 'bf16' or 'fp32'; empty: the format's "
                  "default (packed fp16, hf fp32, gguf fp16)"),
     embed_int8=(False, "embeddings and head as int8 rows with a scale each: smaller, not exact"),
-    qtype=("tq2_0", "gguf ternary blocks: 'tq2_0' (2.06 bits/weight) or 'tq1_0' (1.69)"),
+    qtype=("tq2_0", "gguf ternary blocks: 'tq2_0' (2.06 bits/weight) or 'tq1_0' (1.69) of 256; "
+           "'q4_0' (4.5) of 32, for widths not a multiple of 256"),
 )
 DEFAULTS = defaults(SETTINGS)
 
@@ -65,8 +66,8 @@ def check(cfg):
     if cfg["float_dtype"] and cfg["float_dtype"] not in FLOAT_DTYPES:
         raise ConfigError(f"float_dtype '{cfg['float_dtype']}' is not one of "
                           f"{', '.join(FLOAT_DTYPES)}")
-    if cfg["qtype"] not in ("tq2_0", "tq1_0"):
-        raise ConfigError(f"qtype '{cfg['qtype']}' is not 'tq2_0' or 'tq1_0'")
+    if cfg["qtype"] not in ("tq2_0", "tq1_0", "q4_0"):
+        raise ConfigError(f"qtype '{cfg['qtype']}' is not 'tq2_0', 'tq1_0' or 'q4_0'")
     if cfg["format"] == "hf" and cfg["embed_int8"]:
         raise ConfigError("--embed_int8 is for --format=packed or gguf; transformers' bitnet "
                           "models keep float embeddings")
@@ -105,11 +106,6 @@ def export(cfg):
     src = Path(cfg["ckpt"] or Path(cfg["out_dir"]) / "ckpt.pt")
     ckpt = load_checkpoint(src)
     fmt, float_dtype = cfg["format"], cfg["float_dtype"]
-    if fmt != "packed" and ckpt["arch"] != "llama":
-        raise ConfigError(f"--format={fmt} exports --arch=llama models; '{src}' is a "
-                          f"'{ckpt['arch']}' model (GPT's learned positions and LayerNorm biases "
-                          f"have no BitNet class there): train with --arch=llama, or use "
-                          f"--format=packed")
     if fmt == "packed" and not ckpt["model_args"].get("bitlinear", True):
         raise ConfigError(f"'{src}' is a float model (bitlinear=False): nothing to pack")
     model = model_from_checkpoint(ckpt, src)
@@ -136,7 +132,10 @@ def export(cfg):
 
 def export_hf(model, ckpt, dst, float_dtype):
     """Write the folder under a temporary name, then swap it in: never half a folder."""
-    from llama.hf import save_hf
+    if ckpt["arch"] == "gpt":  # as transformers' GPTBigCode (gpt/hf.py)
+        from gpt.hf import save_hf
+    else:  # as its Llama or BitNet (llama/hf.py)
+        from llama.hf import save_hf
     if dst.exists() and any(dst.iterdir()) and not (dst / "config.json").is_file():
         raise ConfigError(f"'{dst}' exists and is not an exported model folder; choose another "
                           f"--to")
@@ -151,7 +150,10 @@ def export_hf(model, ckpt, dst, float_dtype):
 
 
 def export_gguf(model, ckpt, dst, qtype, float_dtype, embed_int8):
-    from llama.gguf import save_gguf
+    if ckpt["arch"] == "gpt":  # llama.cpp's gpt2 (gpt/gguf.py)
+        from gpt.gguf import save_gguf
+    else:  # its llama or bitnet (llama/gguf.py)
+        from llama.gguf import save_gguf
     info = save_gguf(model, asdict(model.config), ckpt.get("meta"), dst, qtype, float_dtype,
                      embed_int8)
     print(f"wrote {dst}: {dst.stat().st_size / 1e6:.2f} MB, llama.cpp architecture "

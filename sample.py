@@ -8,6 +8,7 @@
 A prompt longer than the model's context is cropped to its last block_size tokens.
 """
 
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from common import ConfigError, defaults, load_model, resolve_device, run_cli
 from data.tokenizer import Tokenizer
 
+COMPILE_TOKENS = 20000  # compiling takes ~0.5-2 min and saves ~2-5 ms a token (RESULTS.md, Decode)
 SETTINGS = dict(
     out_dir=("out", "the run whose out_dir/ckpt.pt to sample from"),
     ckpt=("", "a checkpoint (.pt) or packed model (.bitnet); empty: out_dir/ckpt.pt"),
@@ -27,7 +29,9 @@ SETTINGS = dict(
     seed=(1337, "random seed"),
     device=("auto", "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'mps'"),
     dtype=("auto", "'auto', 'float32', 'bfloat16' or 'float16'"),
-    compile=(False, "torch.compile the model"),
+    compile=("auto", "torch.compile: of a packed LLaMA's decode step ('auto': when the run "
+                     f"generates >= {COMPILE_TOKENS} tokens, where its compile time pays), else "
+                     "of the model (True only)"),
 )
 DEFAULTS = defaults(SETTINGS)
 
@@ -81,12 +85,14 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
-             use_cache=True):
+             use_cache=True, decoder=None):
     """Extend idx (B, T) by max_new_tokens sampled tokens.
 
     Once the text outgrows the context, the model sees only its last block_size tokens, as in
     nanoGPT; with the cache that means one fresh prefill of that window per token from there on,
-    so cached and uncached generation give exactly the same tokens.
+    so cached and uncached generation give exactly the same tokens. decoder: a
+    bitlinear.decode.Decoder of model, which runs the single-token steps (the same logits in
+    fewer passes); the model runs prefills.
     """
     block_size = model.config.block_size
     cache = None
@@ -97,11 +103,22 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
             if cache is not None:
                 cache.length = min(idx.size(1), block_size)
         else:
-            logits, _ = model(idx[:, -1:], cache=cache)
+            step = decoder or (lambda ids, c: model(ids, cache=c)[0])
+            logits = step(idx[:, -1:], cache)
             cache.length += 1
         idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator)
         idx = torch.cat((idx, idx_next), dim=1)
     return idx
+
+
+def make_decoder(model, compile, tokens, dtype="float32"):
+    """The Decoder that runs model's decode steps (None where it does not run this model, or
+    under autocast), compiled for compile=True, or 'auto' and at least COMPILE_TOKENS tokens."""
+    from bitlinear import decode
+    if dtype != "float32" or not decode.supports(model):
+        return None
+    on = compile is True or (compile == "auto" and tokens >= COMPILE_TOKENS)
+    return decode.Decoder(model, compile=on and decode.can_compile(model))
 
 
 def read_prompt(start):
@@ -122,6 +139,8 @@ def check(cfg):
         raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {cfg['temperature']}")
     if cfg["top_k"] < 0 or cfg["num_samples"] < 1:
         raise ConfigError("top_k must be >= 0 and num_samples >= 1")
+    if cfg["compile"] not in (True, False, "auto"):
+        raise ConfigError(f"compile must be True, False or auto, got {cfg['compile']!r}")
 
 
 def sample(cfg):
@@ -130,7 +149,8 @@ def sample(cfg):
     device, dtype = resolve_device(cfg["device"], cfg["dtype"])
     model, meta = load_model(cfg["ckpt"] or Path(cfg["out_dir"]) / "ckpt.pt")
     model, tok = model.eval().to(device), Tokenizer(meta)
-    if cfg["compile"]:
+    decoder = make_decoder(model, cfg["compile"], cfg["num_samples"] * cfg["max_new_tokens"], dtype)
+    if cfg["compile"] is True and (decoder is None or decoder.compiled is None):
         model = torch.compile(model)
     ids = tok.encode(read_prompt(cfg["start"]))
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
@@ -141,8 +161,11 @@ def sample(cfg):
     with ctx:
         for _ in range(cfg["num_samples"]):
             y = generate(model, x, cfg["max_new_tokens"], cfg["temperature"],
-                         cfg["top_k"] or None, generator)
+                         cfg["top_k"] or None, generator, decoder=decoder)
             texts.append(tok.decode(y[0].tolist()))
+    if decoder is not None and decoder.compile_seconds is not None:  # said, not hidden in the speed
+        print(f"note: the first decode step (torch.compile) took {decoder.compile_seconds:.1f} s",
+              file=sys.stderr)
     return texts
 
 

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
+from bitlinear import set_quantization
 from common import (
     ConfigError,
     UserError,
@@ -30,6 +32,7 @@ from common import (
     first_line,
     load_checkpoint,
     load_init_weights,
+    load_model,
     model_args,
     model_from_checkpoint,
     peak_flops,
@@ -39,7 +42,9 @@ from common import (
 from configs import DEFAULTS, SETTINGS, resolve
 from data.loader import Data
 
-# ---- schedules and the optimizer ------------------------------------------------------------
+GPT2_TOKENS = 50257  # GPT-2's vocabulary; its datasets record 50304, padded for speed
+
+# ---- schedules, the optimizer, distillation ------------------------------------------------
 
 def decay_progress(it, cfg):
     """How far step it is from the end of warmup (0) to lr_decay_iters (1)."""
@@ -48,9 +53,10 @@ def decay_progress(it, cfg):
 
 
 def get_lr(it, cfg):
-    """Linear warmup, then a decay from learning_rate to min_lr at lr_decay_iters: cosine, or
-    the b1.58 training tips' two stages (their 1.5e-3 -> 8e-4 over the first half, then a drop
-    to 5e-4 and a linear decay: here the same shape relative to learning_rate)."""
+    """Linear warmup, then a decay from learning_rate to min_lr at lr_decay_iters: cosine, the
+    b1.58 training tips' two stages (their 1.5e-3 -> 8e-4 over the first half, then a drop to
+    5e-4 and a linear decay: here the same shape relative to learning_rate), or
+    warmup-stable-decay."""
     lr, min_lr = cfg["learning_rate"], cfg["min_lr"]
     if not cfg["decay_lr"]:
         return lr
@@ -61,6 +67,8 @@ def get_lr(it, cfg):
         if p < 0.5:
             return lr * (1 - (7 / 15) * p / 0.5)
         return min_lr + (lr / 3 - min_lr) * (1 - p) / 0.5
+    if cfg["lr_schedule"] == "wsd":  # constant, then a linear decay over the last wsd_decay
+        return min_lr + (lr - min_lr) * min(1.0, (1 - p) / cfg["wsd_decay"])
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * (lr - min_lr)
 
 
@@ -71,19 +79,42 @@ def get_weight_decay(it, cfg):
     return cfg["weight_decay"]
 
 
+def quantization_strength(it, cfg):
+    """BitLinear's quantization strength at step it (bitlinear.set_quantization): 0, a float
+    forward, for bit_warmup_start steps; then rising linearly to 1, BitLinear exactly, over
+    bit_warmup_iters."""
+    if it < cfg["bit_warmup_start"]:
+        return 0.0
+    return min(1.0, (it - cfg["bit_warmup_start"]) / cfg["bit_warmup_iters"]) \
+        if cfg["bit_warmup_iters"] else 1.0
+
+
+def distill_loss(logits, teacher_logits, temperature):
+    """KL(teacher || student) of the distributions softened by the temperature, per token, times
+    T^2 so that its gradients keep their scale as T changes (Hinton et al., 2015)."""
+    student = F.log_softmax(logits.float() / temperature, dim=-1).flatten(0, -2)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1).flatten(0, -2)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
+
+
 def configure_optimizers(model, cfg, device_type):
-    """AdamW (fused on CUDA). Weight decay on the linear layers, not on norms, biases or
-    embeddings. BitLinear latent weights train at learning_rate * bit_lr_scale: a ternary
-    weight changes only when its latent weight crosses a rounding threshold, so it learns slower
-    than a float weight at the same rate. Each group's lr_scale multiplies the schedule's rate."""
+    """[AdamW] (fused on CUDA), or with optimizer='muon' [Muon, AdamW]: Muon for the blocks'
+    linear weights, AdamW for the rest. Weight decay on the linear layers (on BitLinear latent
+    weights only with bit_decay), not on norms, biases or embeddings. BitLinear latent weights
+    train at learning_rate * bit_lr_scale: a ternary weight changes only when its latent weight
+    crosses a rounding threshold, so it learns slower than a float weight at the same rate. Each
+    group's lr_scale multiplies the schedule's rate."""
     from bitlinear import BitLinear
+    from common import blocks
     bit = {id(m.weight) for m in model.modules() if isinstance(m, BitLinear)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    matrices = {id(m.weight) for b in blocks(model) for m in b.modules()
+                if isinstance(m, torch.nn.Linear)}  # BitLinear, or their float twins
     params = [p for p in model.parameters() if p.requires_grad]
     decayed = lambda p: p.dim() >= 2 and id(p) not in embeddings  # noqa: E731
     groups = [  # "decay": the groups whose weight decay wd_schedule sets
         {"params": [p for p in params if id(p) in bit], "lr_scale": cfg["bit_lr_scale"],
-         "decay": True},
+         "decay": cfg["bit_decay"]},
         {"params": [p for p in params if id(p) not in bit and decayed(p)], "lr_scale": 1.0,
          "decay": True},
         {"params": [p for p in params if id(p) not in bit and not decayed(p)], "lr_scale": 1.0,
@@ -91,8 +122,18 @@ def configure_optimizers(model, cfg, device_type):
     ]
     groups = [dict(g, weight_decay=cfg["weight_decay"] if g["decay"] else 0.0)
               for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                             fused=True if device_type == "cuda" else None)
+    adamw = lambda groups: torch.optim.AdamW(  # noqa: E731
+        groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+        fused=True if device_type == "cuda" else None)
+    if cfg["optimizer"] == "adamw":
+        return [adamw(groups)]
+    split = lambda g, muon: dict(g, params=[p for p in g["params"]  # noqa: E731
+                                            if (id(p) in matrices) == muon])
+    muon_groups = [g for g in (split(g, True) for g in groups) if g["params"]]
+    # the "match_rms_adamw" step size: the learning rates tuned for AdamW carry over
+    return [torch.optim.Muon(muon_groups, lr=cfg["learning_rate"], momentum=0.95,
+                             adjust_lr_fn="match_rms_adamw"),
+            adamw([g for g in (split(g, False) for g in groups) if g["params"]])]
 
 
 # ---- several processes (torchrun): DDP, or FSDP2 for models too big for one GPU -------------
@@ -160,8 +201,8 @@ def prepare_model(model, cfg, world_size):
     return wrapped
 
 
-def full_state(model, optimizer, cfg):
-    """Whole (unsharded) model and optimizer state on the CPU, the optimizer's keyed by
+def full_state(model, optimizers, cfg):
+    """Whole (unsharded) model and optimizer state on the CPU, the optimizers' keyed by
     parameter name, so a checkpoint resumes with or without FSDP. Every process must call it."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -171,7 +212,7 @@ def full_state(model, optimizer, cfg):
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = (get_model_state_dict(model, options=options) if cfg["fsdp"]
                    else model.state_dict())
-    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+    return model_state, get_optimizer_state_dict(model, optimizers, options=options)
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -190,9 +231,10 @@ class Run:
     args: dict  # the model's constructor arguments, saved in the checkpoint
     raw_model: torch.nn.Module
     model: torch.nn.Module  # the one the step calls: compiled, DDP-wrapped
-    optimizer: torch.optim.Optimizer
+    optimizers: list  # AdamW, or Muon and AdamW
     scaler: torch.amp.GradScaler
     ctx: object  # autocast, or nothing for float32
+    teacher: torch.nn.Module | None = None  # distill_from's model
     iter_num: int = 0
     best_val_loss: float = float("inf")
     elapsed_before: float = 0.0  # seconds trained before a resume
@@ -211,8 +253,26 @@ def start(cfg):
     elif cfg["init_from"] != "scratch":  # a fine-tuning run: weights, not optimizer state
         source, weights = load_init_weights(cfg["init_from"], cfg["arch"])
         source.pop("dropout", None)  # a training choice, not part of the weights
+        was_ternary = source.pop("bitlinear", cfg["bitlinear"])  # the run's --bitlinear decides
+        if was_ternary != cfg["bitlinear"] and rank == 0:
+            kind = lambda ternary: "ternary" if ternary else "float"  # noqa: E731
+            print(f"note: converting {cfg['init_from']}'s {kind(was_ternary)} weights into a "
+                  f"{kind(cfg['bitlinear'])} model (--bitlinear={cfg['bitlinear']})")
+        positions = source.pop("block_size")  # the run's context, at most the source's
+        if "transformer.wpe.weight" in weights:  # learned positions: keep the first block_size
+            if cfg["block_size"] > positions:
+                raise ConfigError(f"block_size={cfg['block_size']} is longer than "
+                                  f"{cfg['init_from']}'s {positions} positions: lower it")
+            if cfg["block_size"] < positions and rank == 0:
+                print(f"note: the first {cfg['block_size']} of {cfg['init_from']}'s {positions} "
+                      f"positions (--block_size sets how many)")
+            weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][
+                :cfg["block_size"]]
         cfg.update(source)
     vocab_size = data.meta["vocab_size"] if data.meta else 50304
+    if cfg["init_from"] != "scratch" and cfg["vocab_size"] == GPT2_TOKENS and (
+            data.meta or {}).get("tokenizer") == "gpt2":
+        vocab_size = GPT2_TOKENS  # OpenAI's GPT-2, unpadded: every GPT-2 id fits
     if cfg["init_from"] != "scratch" and cfg["vocab_size"] != vocab_size:
         raise ConfigError(f"the model's vocabulary ({cfg['vocab_size']}) is not dataset "
                           f"'{cfg['dataset']}''s ({vocab_size}); train it on data with its "
@@ -241,12 +301,15 @@ def start(cfg):
               torch.amp.GradScaler(device_type, enabled=cfg["dtype"] == "float16"),
               nullcontext() if ptdtype == torch.float32
               else torch.autocast(device_type=device_type, dtype=ptdtype))
+    if cfg["distill_from"]:
+        teacher = load_teacher(cfg["distill_from"], args, cfg["device"])
+        run.teacher = torch.compile(teacher) if cfg["compile"] else teacher
     if ckpt:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_optimizer_state_dict,
         )
-        set_optimizer_state_dict(model, run.optimizer, ckpt["optimizer"],
+        set_optimizer_state_dict(model, run.optimizers, ckpt["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         run.scaler.load_state_dict(ckpt["scaler"])
         run.iter_num, run.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
@@ -254,6 +317,32 @@ def start(cfg):
         torch.set_rng_state(ckpt["rng"]["torch"])
         data.generator.set_state(ckpt["rng"]["data"])
     return run
+
+
+def load_teacher(path, student_args, device):
+    """distill_from's model, frozen: a checkpoint (.pt or .bitnet), a transformers folder or a
+    GPT-2 name. It must predict the student's vocabulary over the student's context."""
+    if Path(path).is_file():
+        teacher, _ = load_model(path)
+    else:
+        from gpt.hf import GPT2_NAMES
+        from llama.hf_import import read_config
+        config = Path(path) / "config.json"
+        gpt2 = path in GPT2_NAMES or config.is_file() and read_config(path).get(
+            "model_type") == "gpt2"
+        arch = "gpt" if gpt2 else "llama"
+        args, state = load_init_weights(path, arch)
+        teacher = build_model(arch, args)
+        teacher.load_state_dict(state)
+    config = teacher.config  # the student's vocabulary may be the teacher's padded (GPT-2)
+    if not 0 <= student_args["vocab_size"] - config.vocab_size < 64:
+        raise ConfigError(f"the teacher {path} predicts {config.vocab_size} tokens, the student "
+                          f"{student_args['vocab_size']}: distill from a model of the same "
+                          f"tokenizer and vocabulary")
+    if config.block_size < student_args["block_size"]:
+        raise ConfigError(f"the teacher {path} reads at most {config.block_size} tokens, the "
+                          f"student's block_size is {student_args['block_size']}: lower it")
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 def next_batch(run):
@@ -266,9 +355,9 @@ def next_batch(run):
 def train_step(run, batch):
     """One optimizer step over gradient_accumulation_steps micro-batches, the first one `batch`;
     returns (the last micro-batch's loss, lr, the batch to start the next step with)."""
-    cfg, optimizer = run.cfg, run.optimizer
+    cfg, optimizers = run.cfg, run.optimizers
     lr = get_lr(run.iter_num, cfg)
-    for group in optimizer.param_groups:
+    for group in (g for opt in optimizers for g in opt.param_groups):
         group["lr"] = lr * group["lr_scale"]
         if group["decay"]:
             group["weight_decay"] = get_weight_decay(run.iter_num, cfg)
@@ -281,16 +370,25 @@ def train_step(run, batch):
             run.model.require_backward_grad_sync = sync
         x, y, _ = batch
         with run.ctx:
-            _, loss = run.model(x, y)
+            logits, loss = run.model(x, y)
+            if run.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits, _ = run.teacher(x, y)
+                loss = loss + cfg["distill_weight"] * distill_loss(
+                    logits[..., :teacher_logits.size(-1)], teacher_logits,
+                    cfg["distill_temperature"])
             loss = loss / accum
         batch = next_batch(run)  # fetch the next batch while the GPU works
         run.scaler.scale(loss).backward()
     if cfg["grad_clip"] > 0:
-        run.scaler.unscale_(optimizer)
+        for opt in optimizers:
+            run.scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg["grad_clip"])
-    run.scaler.step(optimizer)
+    for opt in optimizers:
+        run.scaler.step(opt)
     run.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
     run.iter_num += 1
     return loss, lr, batch
 
@@ -439,7 +537,7 @@ def train(cfg, run=None):
         def save(val_loss):
             """out_dir/ckpt.pt: every process calls it (FSDP gathers the shards), the master
             writes it."""
-            model_state, optimizer_state = full_state(run.raw_model, run.optimizer, cfg)
+            model_state, optimizer_state = full_state(run.raw_model, run.optimizers, cfg)
             if master:
                 save_checkpoint({
                     "arch": cfg["arch"], "model_args": run.args, "config": cfg,
@@ -459,7 +557,10 @@ def train(cfg, run=None):
                                     f"Try a lower learning_rate or grad_clip, and check the data")
 
         batch, losses = next_batch(run), None
+        warmup = cfg["bit_warmup_start"] or cfg["bit_warmup_iters"]
         while True:
+            if warmup:  # the strength follows the step alone, so a resumed run follows it too
+                set_quantization(run.raw_model, quantization_strength(run.iter_num, cfg))
             # evaluate and checkpoint; a signal cuts an evaluation short in a single process
             # (several must run the same forwards, for their collectives)
             abandoned = False

@@ -12,6 +12,7 @@ from .layer import (
     RMSNorm,
     activation_quant,
     activation_quant_int,
+    set_quantization,
     ternarize,
     weight_quant,
 )
@@ -27,7 +28,8 @@ def make_linear(in_features, out_features, bias=False, bitlinear=True, norm=Fals
 
 
 __all__ = [
-    "EPS", "BitLinear", "FastBitLinear", "RMSNorm", "make_linear", "share_input",
+    "EPS", "BitLinear", "FastBitLinear", "RMSNorm", "make_linear", "set_quantization",
+    "share_input",
     "activation_quant", "activation_quant_int", "ternarize", "weight_quant", "pack_2bit",
     "unpack_2bit", "pack_base3", "unpack_base3", "TernaryLinear", "int_matmul", "to_integer",
 ]

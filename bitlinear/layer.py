@@ -7,8 +7,12 @@ write it.
     backward     the straight-through estimator: both quantizers pass gradients as the identity
 
 The latent weight W stays full precision for the optimizer; the forward sees only its ternary
-values. bitlinear/fast.py computes exactly this (tested bit for bit) with fewer passes; the
-models train with it. The integer forms (ternarize, activation_quant_int) give the values and the
+values. A quantization warm-up (set_quantization) blends the quantizers in over the first steps,
+x + lam (x_q - x) and W + lam (W_q - W) with lam rising from 0 (float) to 1 (BitLinear exactly),
+so that a float model converts without losing what it knows.
+
+bitlinear/fast.py computes exactly this (tested bit for bit) with fewer passes; the models train
+with it. The integer forms (ternarize, activation_quant_int) give the values and the
 scales separately: packing and integer inference (bitlinear/inference.py) use them.
 """
 
@@ -66,6 +70,26 @@ def straight_through(q, x):
     return q + (x - x.detach())
 
 
+@torch.no_grad()
+def blend(q, x, lam):
+    """x + lam (q - x): the quantization warm-up's value (lam None: q, the quantizer's)."""
+    return q if lam is None else x + lam.to(x.dtype) * (q - x)
+
+
+def set_quantization(model, lam):
+    """Set every BitLinear's quantization strength: lam >= 1 is BitLinear exactly, lam = 0 a
+    float forward (the straight-through gradients are the identity's either way). The strength
+    is a tensor, updated in place, so a compiled model does not recompile as it rises."""
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            if lam >= 1:
+                m.lam = None
+            elif m.lam is None:
+                m.lam = torch.tensor(float(lam), device=m.weight.device)
+            else:
+                m.lam.fill_(lam)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain (Zhang & Sennrich, 2019)."""
 
@@ -91,12 +115,14 @@ class BitLinear(nn.Linear):
         self.eps = eps
         self.norm = RMSNorm(in_features) if norm else None
         self.shared_input = None  # set by share_input (bitlinear/fast.py) for sibling layers
+        self.lam = None  # the quantization warm-up's strength, a 0-d tensor (set_quantization)
 
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
-        x_q = straight_through(activation_quant(x, self.eps), x)
-        w_q = straight_through(weight_quant(self.weight, self.eps), self.weight)
+        x_q = straight_through(blend(activation_quant(x, self.eps), x, self.lam), x)
+        w_q = straight_through(blend(weight_quant(self.weight, self.eps), self.weight, self.lam),
+                               self.weight)
         return F.linear(x_q, w_q, self.bias)
 
     def extra_repr(self):

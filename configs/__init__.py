@@ -16,8 +16,8 @@ SETTINGS = dict(
     eval_iters=(100, "batches per split in an evaluation"),
     eval_only=(False, "evaluate once and exit"),
     always_save_checkpoint=(True, "save at every evaluation; False: only when val loss improves"),
-    init_from=("scratch", "'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint or "
-               "transformers folder to fine-tune from"),
+    init_from=("scratch", "'scratch', 'resume' (out_dir/ckpt.pt), or weights to start from: a "
+               "checkpoint, a transformers folder, or gpt2, gpt2-medium, gpt2-large, gpt2-xl"),
     overwrite=(False, "let a new run replace the checkpoint and metrics.jsonl in out_dir"),
     wandb_log=(False, "also log to Weights & Biases (pip install wandb)"),
     wandb_project=("bitgpt", "wandb project"),
@@ -55,11 +55,24 @@ SETTINGS = dict(
     beta2=(0.99, "AdamW beta2"),
     grad_clip=(1.0, "clip the gradient norm to this; 0 disables"),
     decay_lr=(True, "warm up, then decay to min_lr by lr_schedule; False: constant"),
-    lr_schedule=("cosine", "'cosine', or 'two_stage' (the b1.58 training tips)"),
+    lr_schedule=("cosine", "'cosine', 'two_stage' (the b1.58 training tips), or 'wsd' (warmup, "
+                 "stable, decay: constant, then linear to min_lr)"),
+    wsd_decay=(0.2, "lr_schedule='wsd': the fraction of the decay span spent decaying, at its end"),
     wd_schedule=("constant", "'constant', or 'two_stage': no weight decay from mid-decay on"),
     warmup_iters=(100, "steps of linear warmup"),
     lr_decay_iters=(2000, "step at which the decay reaches min_lr"),
     min_lr=(1e-4, "learning rate at the end of the decay"),
+    optimizer=("adamw", "'adamw', or 'muon': Muon for the blocks' linear weights (BitLinear or "
+               "float), AdamW for the rest"),
+    bit_decay=(True, "weight decay on the BitLinear latent weights; False: none on them"),
+    # from float to ternary: a quantization warm-up, distillation
+    bit_warmup_iters=(0, "steps over which BitLinear's quantizers blend in (lambda 0 -> 1), for "
+                      "converting float weights; 0: none"),
+    bit_warmup_start=(0, "steps of float forward before that warm-up (a float warm start)"),
+    distill_from=("", "a teacher (checkpoint or transformers folder): the loss adds the KL "
+                  "divergence from its logits on the same batch; empty: none"),
+    distill_weight=(1.0, "weight of the distillation term"),
+    distill_temperature=(1.0, "softmax temperature of teacher and student in that term"),
     # system
     backend=("auto", "torchrun's backend: 'auto' (nccl on GPUs, gloo on CPUs), 'nccl', 'gloo'"),
     fsdp=(False, "shard weights, gradients and AdamW state across processes (FSDP2)"),
@@ -89,19 +102,25 @@ def resolve(cfg):
     if foreign:
         raise ConfigError(f"{', '.join(sorted(foreign))}: not a setting of arch '{cfg['arch']}'; "
                           f"drop it or pick the arch it belongs to")
-    for key, choices in (("lr_schedule", ("cosine", "two_stage")),
+    for key, choices in (("lr_schedule", ("cosine", "two_stage", "wsd")),
+                         ("optimizer", ("adamw", "muon")),
                          ("wd_schedule", ("constant", "two_stage")), ("mlp", ("swiglu", "relu2"))):
         if cfg[key] not in choices:
             raise ConfigError(f"{key} '{cfg[key]}' is not one of {', '.join(choices)}")
-    if cfg["init_from"] not in ("scratch", "resume"):
+    from gpt.hf import GPT2_NAMES  # OpenAI's, downloaded (once) when the run starts
+    if cfg["init_from"] not in ("scratch", "resume", *GPT2_NAMES):
         source = Path(cfg["init_from"])
         if not source.exists():
             raise ConfigError(f"init_from '{source}' is not 'scratch', 'resume', or the path of a "
-                              f"checkpoint or transformers folder")
+                              f"checkpoint or transformers folder, or {', '.join(GPT2_NAMES)}")
         if source.resolve() == (Path(cfg["out_dir"]) / "ckpt.pt").resolve():
             raise ConfigError(f"init_from '{source}' is this run's own checkpoint, which it would "
                               f"overwrite: fine-tune into another --out_dir, or continue the run "
                               f"with --init_from=resume")
+    teacher = cfg["distill_from"]
+    if teacher and teacher not in GPT2_NAMES and not Path(teacher).exists():
+        raise ConfigError(f"distill_from '{teacher}' is not the path of a checkpoint or "
+                          f"transformers folder, or {', '.join(GPT2_NAMES)}")
     for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
                 "eval_iters", "log_interval", "gradient_accumulation_steps"):
         if cfg[key] < 1:
@@ -110,13 +129,16 @@ def resolve(cfg):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
     for key in ("max_iters", "max_time", "learning_rate", "min_lr", "bit_lr_scale", "weight_decay",
-                "grad_clip", "warmup_iters", "lr_decay_iters", "n_kv_head", "ffn_hidden"):
+                "grad_clip", "warmup_iters", "lr_decay_iters", "n_kv_head", "ffn_hidden",
+                "bit_warmup_iters", "bit_warmup_start", "distill_weight"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be at least 0, got {cfg[key]}")
     for key in ("dropout", "beta1", "beta2"):
         if not 0 <= cfg[key] < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {cfg[key]}")
-    for key in ("norm_eps", "rope_theta"):
+    if not 0 < cfg["wsd_decay"] <= 1:
+        raise ConfigError(f"wsd_decay must be in (0, 1], got {cfg['wsd_decay']}")
+    for key in ("norm_eps", "rope_theta", "distill_temperature"):
         if cfg[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")
     if cfg["n_embd"] % cfg["n_head"]:

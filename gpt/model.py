@@ -25,6 +25,7 @@ class GPTConfig:
     bias: bool = False  # biases in Linears and LayerNorms
     bitlinear: bool = True  # False builds the same model with nn.Linear (full precision)
     bit_norm: bool = False  # RMSNorm inside each BitLinear (the FAQ reference), see README
+    gelu_approximate: str = "none"  # 'tanh': the GELU GPT-2 was trained with (gpt/hf.py sets it)
 
 
 class CausalSelfAttention(nn.Module):
@@ -60,9 +61,13 @@ class MLP(nn.Module):
         self.c_proj = make_linear(4 * config.n_embd, config.n_embd, config.bias, config.bitlinear,
                                   config.bit_norm)
         self.dropout = nn.Dropout(config.dropout)
+        if config.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu_approximate '{config.gelu_approximate}' is not 'none' or "
+                             f"'tanh'")
+        self.approximate = config.gelu_approximate
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

@@ -127,5 +127,5 @@ def test_weight_decay_switch_off_reaches_the_optimizer(tiny_cfg):
     decays = []
     for _ in range(4):
         train_step(trainer, next_batch(trainer))
-        decays.append(sorted({g["weight_decay"] for g in trainer.optimizer.param_groups}))
+        decays.append(sorted({g["weight_decay"] for g in trainer.optimizers[0].param_groups}))
     assert decays == [[0.0, 0.1], [0.0, 0.1], [0.0], [0.0]]

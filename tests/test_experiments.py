@@ -51,6 +51,20 @@ def test_an_interrupted_run_resumes(data_dir, tmp_path):
     assert result["step"] == 6
 
 
+def test_a_variant_can_start_from_another_runs_weights(data_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    from common import load_checkpoint
+    root = tmp_path / "sw"
+    base = ["--configs=gpt_50k", f"--sweep_dir={root}", f"--data_dir={data_dir}", *TINY]
+    sweep.main([*base, "--variants={'float': '--bitlinear=False'}"])
+    source = root / "gpt_50k-float" / "ckpt.pt"
+    sweep.main([*base, f"--variants={{'converted': '--init_from={source} --bit_warmup_iters=3'}}"])
+    ckpt = load_checkpoint(root / "gpt_50k-converted" / "ckpt.pt")
+    assert ckpt["config"]["init_from"] == str(source) and ckpt["model_args"]["bitlinear"]
+    evals = [m for m in read_metrics(root / "gpt_50k-converted") if "val_loss" in m]
+    assert evals[0]["val_loss"] == load_checkpoint(source)["val_loss"]  # float at strength 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--configs=gpt_5k"], "no config 'configs/gpt_5k.py'"),
     (["--variants=[1, 2]"], "variants must be a dict"),
@@ -70,6 +84,28 @@ def test_plot_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match="pip install matplotlib"):
         plot.plot_curves([tmp_path], tmp_path / "x.png")
+
+
+def test_a_continued_run_is_drawn_later(tmp_path, monkeypatch):
+    import json
+
+    from common import ConfigError
+    from tools import plot
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "converted"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "tokens": 768 * s, "val_loss": 2.0, "train_loss": 2.0, "time": s}) + "\n"
+        for s in (0, 10)))
+    drawn = []
+    monkeypatch.setattr(plot, "save", lambda fig, out: drawn.extend(
+        list(line.get_xdata()) for line in fig.axes[0].lines))
+    plot.plot_curves([f"{run}@2000", run], tmp_path / "x.png", x="tokens")
+    assert drawn == [[768 * 2000, 768 * 2010], [0, 768 * 10]]
+    with pytest.raises(ConfigError, match="shifts by steps"):
+        plot.plot_curves([f"{run}@2000"], tmp_path / "x.png", x="time")
+    with pytest.raises(ConfigError, match="after @ comes a number"):
+        plot.plot_curves([f"{run}@x"], tmp_path / "x.png")
 
 
 def test_weight_stats_counts_each_ternary_value(tmp_path):

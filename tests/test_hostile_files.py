@@ -297,7 +297,8 @@ safetensors = pytest.importorskip("safetensors.torch", reason="safetensors is no
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     """A transformers folder of a tiny ternary LLaMA (GQA, sub-norms, tied), as export writes."""
-    from llama.hf import load_hf, save_hf
+    from llama.hf import save_hf
+    from llama.hf_import import load_hf
     folder = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     model = build_model("llama", LLAMA)
@@ -313,7 +314,8 @@ def hf_copy(hf_folder, tmp_path):
 
 
 def import_error(folder, match):
-    from llama.hf import ExportError, load_hf
+    from llama.hf import ExportError
+    from llama.hf_import import load_hf
     with within(20), pytest.raises(ExportError, match=match) as e:
         load_hf(folder)
     return one_line(e)

@@ -199,3 +199,104 @@ def test_trained_model_runs_exactly_in_integers(tiny_cfg, variant):
     prompt = idx[:1, :8]
     assert torch.equal(generate(model, prompt, 40, temperature=0),
                        generate(integer, prompt, 40, temperature=0))
+
+
+# ---- bitlinear/decode.py: the decode step in fewer passes, bit for bit the model's -------------
+
+def packed_model(variant, tmp_path):
+    """A small model of the variant (random weights: any weights must decode the same) as its
+    .bitnet file loads, with 16-bit embeddings and head, as sample.py runs it."""
+    from bitlinear.packed_file import save_packed
+    from common import build_model, load_model
+    args = {k: v for k, v in VARIANTS[variant].items() if k != "arch"}
+    args = dict(dict(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65), **args)
+    torch.manual_seed(0)
+    model = build_model(VARIANTS[variant]["arch"], args)
+    save_packed(model, tmp_path / "m.bitnet", VARIANTS[variant]["arch"], args)
+    return load_model(tmp_path / "m.bitnet")[0].eval()
+
+
+def assert_decoder_is_the_model(model, decoder, steps=12, batch=2):
+    """Prefill 8 tokens with the model into two caches, then decode greedily: the model on one
+    cache, the decoder on the other; logits and caches equal bit for bit at every step."""
+    from sample import KVCache
+    idx = torch.randint(0, 65, (batch, 8), generator=torch.Generator().manual_seed(3))
+    caches = [KVCache(model.config.n_layer, model.config.block_size) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            logits = model(idx, cache=cache)[0]
+            cache.length = idx.size(1)
+        for _ in range(steps):
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            logits = model(tok, cache=caches[0])[0]
+            assert torch.equal(decoder(tok, caches[1]), logits)
+            for cache in caches:
+                cache.length += 1
+    for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert torch.equal(a.k[:, :, :caches[0].length], b.k[:, :, :caches[1].length])
+        assert torch.equal(a.v[:, :, :caches[0].length], b.v[:, :, :caches[1].length])
+
+
+DECODED = [v for v in VARIANTS if not VARIANTS[v].get("bit_norm")]
+
+
+@pytest.mark.parametrize("variant", DECODED)
+def test_decoder_steps_are_the_models_bit_for_bit(variant, tmp_path):
+    from bitlinear.decode import Decoder
+    model = packed_model(variant, tmp_path)
+    n_weights = sum(m.weight.untyped_storage().nbytes() for m in model.modules()
+                    if isinstance(m, TernaryLinear))
+    decoder = Decoder(model)
+    assert_decoder_is_the_model(model, decoder)
+    storages = {m.weight.untyped_storage().data_ptr(): m.weight.untyped_storage().nbytes()
+                for m in model.modules() if isinstance(m, TernaryLinear)}
+    assert sum(storages.values()) == n_weights  # the stacked weights are the layers': no copy
+    # sampled generation (temperature, top-k) draws the same tokens with and without it
+    prompt = torch.randint(0, 65, (1, 5), generator=torch.Generator().manual_seed(4))
+    draw = lambda d: generate(model, prompt, 20, 0.8, 10, torch.Generator().manual_seed(5),  # noqa: E731
+                              decoder=d)
+    assert torch.equal(draw(None), draw(decoder))
+
+
+@needs_fbgemm
+def test_decoder_with_fbgemm_sums(tmp_path, monkeypatch):
+    from bitlinear.decode import Decoder
+    monkeypatch.setattr(kernels, "CPU_KERNEL", "fbgemm")
+    model = packed_model("llama-gqa-relu2-subln-tied", tmp_path)
+    assert_decoder_is_the_model(model, Decoder(model), steps=6)
+
+
+def test_decoder_refuses_what_it_does_not_run():
+    from bitlinear.decode import Decoder, supports
+    from common import build_model
+    float_model = build_model("llama", dict(n_layer=1, n_head=2, n_embd=16, vocab_size=8))
+    normed = to_integer(build_model("gpt", dict(n_layer=1, n_head=2, n_embd=16, vocab_size=8,
+                                                block_size=8, bit_norm=True)))
+    assert not supports(float_model) and not supports(normed)
+    with pytest.raises(ValueError, match="integer GPT and LLaMA"):
+        Decoder(float_model)
+
+
+def test_ordered_sum_adds_as_aten_does():
+    """RMSNorm's sum of squares, written out for the compiler, equals ATen's on rows of every
+    width the models use, with tails (width % lanes) and the cascade's levels (> 512 vectors)."""
+    from bitlinear.decode import ordered_sum, sum_lanes
+    lanes = sum_lanes((256, 768))
+    if lanes is None:
+        pytest.skip("ATen's summation order on this CPU is not one ordered_sum knows")
+    g = torch.Generator().manual_seed(0)
+    for n in (4 * lanes, 100, 384, 768, 2048, 2053, 16437, 40000):
+        sq = (torch.randn(16, n, generator=g) * torch.randn(16, n, generator=g).exp()) ** 2
+        assert torch.equal(ordered_sum(sq, lanes), sq.sum(-1, keepdim=True)), n
+        assert not torch.equal(ordered_sum(sq, lanes).double(), sq.double().sum(-1, True)), n
+
+
+def test_compiled_decoder_steps_are_the_models_bit_for_bit(tmp_path):
+    """torch.compile of the LLaMA step: the same logits (the compile takes ~20 s here)."""
+    from bitlinear.decode import Decoder, can_compile
+    model = packed_model("llama-gqa-relu2-subln-tied", tmp_path)
+    if not can_compile(model):
+        pytest.skip("compile runs with torch._int_mm sums (this CPU takes fbgemm's)")
+    decoder = Decoder(model, compile=True)
+    assert_decoder_is_the_model(model, decoder, steps=8, batch=1)
+    assert decoder.compiled is not None and decoder.compile_seconds > 0  # it did not fall back

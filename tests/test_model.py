@@ -74,12 +74,12 @@ def test_sampling_is_deterministic_for_a_generator_seed():
 def test_optimizer_groups():
     model = tiny()
     cfg = dict(DEFAULTS, weight_decay=0.1, bit_lr_scale=3.0)
-    opt = configure_optimizers(model, cfg, "cpu")
+    [opt] = configure_optimizers(model, cfg, "cpu")
     bit, no_decay = opt.param_groups  # a tied GPT has no float 2-D weights outside embeddings
     assert (bit["weight_decay"], bit["lr_scale"]) == (0.1, 3.0)
     assert (no_decay["weight_decay"], no_decay["lr_scale"]) == (0.0, 1.0)
     assert len(bit["params"]) == 2 * 4  # the attention and MLP linears
     ids = {id(p) for p in no_decay["params"]}
     assert id(model.transformer.wte.weight) in ids and id(model.transformer.wpe.weight) in ids
-    float_groups = configure_optimizers(tiny(bitlinear=False), cfg, "cpu")
-    assert [g["lr_scale"] for g in float_groups.param_groups] == [1.0, 1.0]  # no BitLinear
+    [float_opt] = configure_optimizers(tiny(bitlinear=False), cfg, "cpu")
+    assert [g["lr_scale"] for g in float_opt.param_groups] == [1.0, 1.0]  # no BitLinear

@@ -128,7 +128,7 @@ def test_fine_tuning_starts_a_new_run_from_trained_weights(tiny_cfg, tmp_path):
     assert trainer.args["dropout"] == 0.1  # but dropout is this run's
     for k, v in trained["model"].items():
         assert torch.equal(trainer.raw_model.state_dict()[k], v), k
-    assert all(not s for s in trainer.optimizer.state.values())  # a fresh AdamW
+    assert all(not s for s in trainer.optimizers[0].state.values())  # a fresh AdamW
     train(cfg, trainer)
     tuned = load_checkpoint(tmp_path / "tuned" / "ckpt.pt")
     assert tuned["iter_num"] == 12 and tuned["val_loss"] < trained["val_loss"]

@@ -4,8 +4,8 @@
     python -m tools.bench_export --ckpt=out-124m-bitnet/ckpt.pt --val_windows=0 \
         --prompt_tokens=128 --new_tokens=128
 
-From one llama checkpoint it writes what export.py writes (.bitnet, the transformers folder, GGUF
-with TQ2_0 and TQ1_0) and reports:
+From one checkpoint (llama or gpt) it writes what export.py writes (.bitnet, the transformers
+folder where --format=hf takes the model, GGUF with TQ2_0 and TQ1_0) and reports:
   - the size of each;
   - agreement on val_windows windows of block_size tokens from the checkpoint's val split:
     transformers against BitGPT's integer path and training model, llama.cpp against the
@@ -31,7 +31,7 @@ from export import main as export_main
 from tools import bench_inference
 
 SETTINGS = dict(
-    ckpt=("out/ckpt.pt", "the llama training checkpoint to export and benchmark"),
+    ckpt=("out/ckpt.pt", "the training checkpoint (llama or gpt) to export and benchmark"),
     val_windows=(16, "windows of block_size val tokens to measure agreement on; 0: none"),
     prompt_tokens=(64, "random prompt tokens, run as one eval (prompt processing)"),
     new_tokens=(64, "single-token evals after the prompt (decode)"),
@@ -40,6 +40,8 @@ SETTINGS = dict(
     seed=(0, "random seed of the prompt"),
     start=("ROMEO:", "the prompt of the greedy continuations"),
     gen_tokens=(60, "tokens of each greedy continuation"),
+    compile=("auto", "also time BitGPT's compiled decode step (LLaMA; its compile time is said); "
+                     "'auto': when new_tokens * repeats >= 100"),
 )
 DEFAULTS = defaults(SETTINGS)
 
@@ -129,14 +131,17 @@ def continuations(cfg, model, gguf_path, meta):
     from sample import generate
     tok = Tokenizer(meta)
     ids = torch.tensor([tok.encode(cfg["start"])])
+    n = cfg["gen_tokens"]
+    if hasattr(model.transformer, "wpe"):  # llama.cpp aborts past a GPT's learned positions
+        n = min(n, model.config.block_size - ids.size(1))
     with torch.no_grad():
-        ours = tok.decode(generate(model, ids, cfg["gen_tokens"], temperature=0)[0].tolist())
+        ours = tok.decode(generate(model, ids, n, temperature=0)[0].tolist())
     print(f"  BitGPT    {ours!r}")
     texts = {"BitGPT": ours}
     if gguf_path is not None:
         from llama_cpp import Llama
         llm = Llama(model_path=str(gguf_path), n_ctx=model.config.block_size, verbose=False)
-        out = llm(cfg["start"], max_tokens=cfg["gen_tokens"], temperature=0)
+        out = llm(cfg["start"], max_tokens=n, temperature=0)
         llm.close()
         texts["llama.cpp"] = cfg["start"] + out["choices"][0]["text"]
         print(f"  llama.cpp {texts['llama.cpp']!r}")
@@ -148,8 +153,9 @@ def bench(cfg):
     ckpt = load_checkpoint(cfg["ckpt"])
     model = model_from_checkpoint(ckpt, cfg["ckpt"]).eval()
     c = model.config
-    print(f"model: {ckpt['arch']}, {model.get_num_params() / 1e6:.2f}M parameters, "
-          f"n_embd {c.n_embd}, ffn_hidden {c.ffn_hidden}, subln {c.subln}, mlp {c.mlp}")
+    shape = {k: v for k, v in ckpt["model_args"].items() if k in (
+        "n_layer", "n_embd", "ffn_hidden", "subln", "mlp", "bias", "gelu_approximate")}
+    print(f"model: {ckpt['arch']}, {model.get_num_params() / 1e6:.2f}M parameters, {shape}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         integer = to_integer(model_from_checkpoint(ckpt, cfg["ckpt"]).eval())
@@ -160,7 +166,13 @@ def bench(cfg):
         results = dict(sizes={}, agreement={})
         for name, args in files.items():
             path = tmp / name
-            export_main([f"--ckpt={cfg['ckpt']}", f"--to={path}", *args])
+            try:
+                export_main([f"--ckpt={cfg['ckpt']}", f"--to={path}", *args])
+            except SystemExit as e:  # --format=hf refuses GPTs: said, and skipped
+                if name != "hf":
+                    raise
+                print(f"  {name:12s} (skipped: {e})")
+                continue
             size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else \
                 path.stat().st_size
             results["sizes"][name] = size
@@ -171,42 +183,63 @@ def bench(cfg):
             windows = val_windows(ckpt, cfg["val_windows"], c.block_size)
             n = windows.numel()
             print(f"agreement on {n} val tokens ({cfg['val_windows']} windows of {c.block_size}):")
-            if have("transformers"):
+            if "hf" in results["sizes"] and have("transformers"):
                 for name, ours in (("integer path", integer), ("training model", model)):
                     report(results["agreement"], f"transformers vs BitGPT's {name}",
                            hf_agreement(ours, tmp / "hf", windows), n)
             for path in ggufs:
                 name = f"llama.cpp {path.stem.upper()} vs BitGPT's integer path"
                 report(results["agreement"], name, llama_cpp_agreement(integer, path, windows), n)
-        results["speed"] = speed(cfg, ckpt, tmp / "model.bitnet", gguf_path, c.block_size,
-                                 c.vocab_size)
+        results["speed"], results["decode_paths"] = speed(
+            cfg, ckpt, tmp / "model.bitnet", gguf_path, c.block_size, c.vocab_size)
         print(f"greedy continuations of {cfg['start']!r}:")
         results["text"] = continuations(cfg, integer, gguf_path, ckpt.get("meta"))
     return results
 
 
+DECODE_PATHS = {"model": "BitGPT .bitnet, the model's steps", "fast": "BitGPT .bitnet, Decoder",
+                "compiled": "BitGPT .bitnet, Decoder compiled"}
+
+
 def speed(cfg, ckpt, bitnet_path, gguf_path, block, vocab):
-    """{path: (prompt tok/s, decode tok/s)} for BitGPT's integer path and llama.cpp."""
+    """({path: (prompt tok/s, decode tok/s)} for BitGPT's integer path as sample.py runs it and
+    for llama.cpp, {BitGPT decode path: (prompt tok/s, decode tok/s)} with 'compile_seconds')."""
     if cfg["prompt_tokens"] + cfg["new_tokens"] + 1 > block:
         raise ConfigError(f"prompt_tokens + new_tokens must be below block_size={block}")
     g = torch.Generator().manual_seed(cfg["seed"])
     prompt = torch.randint(0, vocab, (cfg["prompt_tokens"],), generator=g)
     print(f"speed: batch 1, greedy, {cfg['threads']} threads, prompt {cfg['prompt_tokens']} random "
           f"tokens, then {cfg['new_tokens']} single-token steps; best of {cfg['repeats']}; "
-          f"BitGPT's integer sums by {kernels.CPU_KERNEL}:")
-    ours = bench_inference.run_path(dict(
-        kind="packed", path=str(bitnet_path), arch=ckpt["arch"], model_args=ckpt["model_args"],
-        prompt=prompt.tolist(), new_tokens=cfg["new_tokens"], repeats=cfg["repeats"],
-        threads=cfg["threads"]))
-    rows = [("BitGPT integer path (.bitnet)", ours["prefill"], ours["decode"])]
+          f"BitGPT's integer sums by {kernels.CPU_KERNEL}; BitGPT's decode steps by the model "
+          f"(the reference), by bitlinear/decode.py's Decoder (sample.py's), and compiled:")
+    compile = cfg["compile"] is True or (cfg["compile"] == "auto"
+                                         and cfg["new_tokens"] * cfg["repeats"] >= 100)
+    job = dict(kind="packed", path=str(bitnet_path), arch=ckpt["arch"],
+               model_args=ckpt["model_args"], prompt=prompt.tolist(),
+               new_tokens=cfg["new_tokens"], repeats=cfg["repeats"], threads=cfg["threads"])
+    runs = {how: bench_inference.run_path(dict(job, decode=how))
+            for how in ("model", "fast", "compiled")[:3 if compile else 2]}
+    rows = [(DECODE_PATHS[how], r["prefill"], r["decode"]) for how, r in runs.items()
+            if r["decoder"] == how or how == "model"]  # a path that fell back is not listed
     if gguf_path is not None:
         rows.append(("llama.cpp TQ2_0 (.gguf)", *llama_cpp_speed(
             gguf_path, prompt.tolist(), cfg["new_tokens"], cfg["repeats"], cfg["threads"],
             block)))
     rates = {name: (cfg["prompt_tokens"] / p, cfg["new_tokens"] / d) for name, p, d in rows}
+    seconds = runs.get("compiled", {}).get("compile_seconds")
     for name, (p, d) in rates.items():
-        print(f"  {name:32s} prompt {p:9.1f} tok/s   decode {d:8.1f} tok/s")
-    return rates
+        note = f"   (its first step, compiling: {seconds:.1f} s)" if "compiled" in name else ""
+        print(f"  {name:36s} prompt {p:9.1f} tok/s   decode {d:8.1f} tok/s{note}")
+    theirs = rates.get("llama.cpp TQ2_0 (.gguf)")
+    if theirs:
+        print("  decode, BitGPT / llama.cpp: " + ", ".join(
+            f"{name.split(', ')[1]} {d / theirs[1]:.2f}x" for name, (_, d) in rates.items()
+            if name.startswith("BitGPT")))
+    paths = {how: rates[DECODE_PATHS[how]] for how in runs if DECODE_PATHS[how] in rates}
+    ours = paths.get("fast", paths["model"])
+    main = {"BitGPT integer path (.bitnet)": ours, **({"llama.cpp TQ2_0 (.gguf)": theirs}
+                                                      if theirs else {})}
+    return main, dict(paths, compile_seconds=seconds)
 
 
 def main(argv=None):

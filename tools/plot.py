@@ -4,7 +4,10 @@
     python -m tools.plot sweeps/gpt/* --x=step --title="GPT sizes" --out=assets/gpt_curves.png
 
 Each argument that is not a --key=value is a run's out_dir; a run whose name ends in "float"
-is drawn dashed, so ternary/float pairs from tools/sweep.py read at a glance. tools/sweep.py
+is drawn dashed, so ternary/float pairs from tools/sweep.py read at a glance. RUN@N draws a run
+N steps later, as one that continues another's N steps (--init_from=its checkpoint):
+
+    python -m tools.plot out-float out-converted@2000 out-scratch --x=step tools/sweep.py
 also calls plot_sizes for val loss against parameter count.
 """
 
@@ -59,17 +62,20 @@ def plot_curves(runs, out, x="tokens", title="", train=False):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     paired = runs_paired(runs)  # then each pair shares a color
     for i, run in enumerate(runs):
+        run, offset = split_offset(str(run), x)
         path = Path(run)
         if not (path / "metrics.jsonl").is_file():
             raise ConfigError(f"no metrics.jsonl in '{run}'; give the out_dir of a training run")
         evals = [m for m in read_metrics(path) if "val_loss" in m]
+        if x == "tokens" and offset:  # the run's tokens per step, from its own records
+            offset *= next((m["tokens"] / m["step"] for m in evals if m["step"]), 0)
+        xs = [m[x] + offset for m in evals]
         style = "--" if path.name.endswith("float") else "-"
         color = f"C{i // 2 if paired else i}"
-        ax.plot([m[x] for m in evals], [m["val_loss"] for m in evals], style, color=color,
-                label=f"{path.name} (val)")
+        ax.plot(xs, [m["val_loss"] for m in evals], style, color=color, label=f"{path.name} (val)")
         if train:
-            ax.plot([m[x] for m in evals], [m["train_loss"] for m in evals], style, color=color,
-                    alpha=0.4, label=f"{path.name} (train)")
+            ax.plot(xs, [m["train_loss"] for m in evals], style, color=color, alpha=0.4,
+                    label=f"{path.name} (train)")
     ax.set_xlabel({"tokens": "training tokens", "step": "step", "time": "seconds"}[x])
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(title)
@@ -78,9 +84,19 @@ def plot_curves(runs, out, x="tokens", title="", train=False):
     save(fig, out)
 
 
+def split_offset(run, x):
+    """'RUN@N' -> (RUN, N steps later); 'RUN' -> (RUN, 0)."""
+    run, at, steps = run.rpartition("@") if "@" in run else (run, "", "0")
+    if not steps.isdigit():
+        raise ConfigError(f"'{run}{at}{steps}': after @ comes a number of steps")
+    if at and x == "time":
+        raise ConfigError("RUN@N shifts by steps: plot it with --x=step or --x=tokens")
+    return run, int(steps)
+
+
 def runs_paired(runs):
     """True when runs come in (ternary, float) pairs, as tools/sweep.py writes them."""
-    names = [Path(r).name for r in runs]
+    names = [Path(str(r).split("@")[0]).name for r in runs]
     return len(names) % 2 == 0 and all(b.endswith("float") and not a.endswith("float")
                for a, b in zip(names[::2], names[1::2], strict=True))
 

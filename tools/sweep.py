@@ -6,6 +6,8 @@ and seed, then write a markdown results table and plots.
     python -m tools.sweep --configs=gpt_800k --sweep_dir=sweeps/tips \\
         --variants="{'cosine': '', 'two_stage': '--lr_schedule=two_stage'}"
     python -m tools.sweep ... --max_iters=500 --device=cpu  # any train.py key applies to every run
+    python -m tools.sweep --configs=gpt_3m --variants="{'converted': \\
+        '--init_from=sweeps/gpt/gpt_3m-float/ckpt.pt --max_iters=1000 --bit_warmup_iters=250'}"
 
 Run r of config c trains in sweep_dir/c-r. A finished run is skipped and an interrupted one
 (Ctrl-C) resumes, so running the same command again continues the sweep. The results go to
@@ -52,7 +54,7 @@ def run_one(config, flags, out_dir):
         return json.loads(result_file.read_text())
     resume = (out_dir / "ckpt.pt").exists()
     argv = [str(ROOT / "configs" / f"{config}.py"), *flags, f"--out_dir={out_dir}",
-            f"--init_from={'resume' if resume else 'scratch'}", "--always_save_checkpoint=True"]
+            "--always_save_checkpoint=True"] + (["--init_from=resume"] if resume else [])
     cfg = resolve(parse_args(TRAIN_DEFAULTS, argv))
     print(f"== {out_dir.name}: python train.py {' '.join(argv)}")
     run = start(cfg)

@@ -2,15 +2,25 @@
 
     python -m data.text.prepare --input=my.txt --tokenizer=char --name=mydata
     python -m data.text.prepare --input=big.txt --tokenizer=gpt2 --name=big --num_proc=4
+    python -m data.text.prepare --input=my.txt --tokenizer=path/to/model_folder --name=mine
     python train.py --dataset=mydata
 
 Any UTF-8 file that fits on disk: it is read in chunks of chunk_size bytes, never whole. The last
 val_fraction of the file (cut at a character boundary) becomes val.bin, the rest train.bin.
 - char: one token per distinct character; a first pass collects the characters, a second writes
   their ids (uint16, or uint32 past 65,536 distinct characters). meta.json holds the vocabulary.
-- gpt2: GPT-2 BPE via tiktoken (uint16, vocab_size 50304 for the model). Chunks are cut after a
-  newline between two lines of text, so the tokens are those of the whole file tokenized at
-  once (only a chunk with no such newline in it is cut where it ends).
+- gpt2: GPT-2 BPE via tiktoken (uint16, vocab_size 50304 for the model).
+- a tokenizer.json, or a transformers folder holding one (pip install tokenizers): any tokenizer,
+  through the tokenizers library; uint32 ids past 65,536 tokens. meta.json holds the tokenizer
+  whole; from a folder, vocab_size is its config.json's (the model's), so the data fits the model
+  for train.py --init_from=FOLDER. Its end-of-text token (tokenizer_config.json's eos or bos
+  token, else a known name such as <|endoftext|>) is printed.
+Both BPE kinds: with --separator, each occurrence of that text (a Python literal for escapes:
+--separator="'<|endoftext|>\\n'") ends a document and becomes the end-of-text token. Chunks are
+cut after a newline between two lines of text where encoding the two sides apart gives the
+tokens of encoding them together (checked on the text around each cut), so the ids are those of
+each document tokenized whole; a tokenizer that admits no such cut (one that marks the start of
+a text, as SentencePiece's do) is cut anyway, and the count of those cuts is printed.
 """
 
 import os
@@ -20,29 +30,24 @@ from pathlib import Path
 import numpy as np
 
 from common import defaults, run_cli
-from data.common import (
-    DataError,
-    DatasetWriter,
-    char_boundary,
-    char_meta,
-    gpt2_meta,
-    read_utf8,
-    write_docs,
-)
-from data.tokenizer import KINDS as TOKENIZERS
-from data.tokenizer import gpt2_encoding
+from data.common import DataError, DatasetWriter, char_boundary, char_meta, gpt2_meta, read_utf8
+from data.tokenizer import Tokenizer, hf_meta
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = {
     "input": ("", "the text file (UTF-8)"),
-    "tokenizer": ("char", f"{' or '.join(TOKENIZERS)}"),
+    "tokenizer": ("char", "char, gpt2, or the path of a tokenizer.json or of a transformers "
+                          "folder holding one"),
     "name": ("", "the dataset's folder name: train with --dataset=<name>"),
+    "separator": ("", "text that ends each document, written as the end-of-text token (BPE "
+                      "tokenizers); empty: the file is one document"),
     "val_fraction": (0.1, "the tail of the file that becomes val.bin"),
     "data_dir": (str(REPO / "data"), "where <name>/ goes (train.py's --data_dir)"),
-    "num_proc": (max(1, (os.cpu_count() or 2) // 2), "gpt2 tokenizer processes"),
+    "num_proc": (max(1, (os.cpu_count() or 2) // 2), "BPE tokenizer threads"),
     "chunk_size": (1 << 20, "bytes read at a time"),
 }
 DEFAULTS = defaults(SETTINGS)
+WINDOW = 256  # characters each side of a chunk cut that are encoded to check it
 
 
 def check(cfg):
@@ -64,8 +69,12 @@ def check(cfg):
     if (folder / "prepare.py").exists():
         raise DataError(f"'{name}' is a built-in dataset ({folder / 'prepare.py'}); choose "
                         f"another --name")
-    if cfg["tokenizer"] not in TOKENIZERS:
-        raise DataError(f"tokenizer must be 'char' or 'gpt2', got {cfg['tokenizer']!r}")
+    if cfg["tokenizer"] not in ("char", "gpt2") and not Path(cfg["tokenizer"]).exists():
+        raise DataError(f"tokenizer must be 'char', 'gpt2' or the path of a tokenizer.json (or "
+                        f"of a folder holding one); '{cfg['tokenizer']}' is none of these")
+    if cfg["separator"] and cfg["tokenizer"] == "char":
+        raise DataError("--separator needs an end-of-text token, which characters do not have: "
+                        "use gpt2 or a tokenizer.json")
     if not 0 < cfg["val_fraction"] < 1:
         raise DataError(f"val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
     if cfg["chunk_size"] < 1:
@@ -102,49 +111,108 @@ def write_char(path, ranges, folder, chunk_size):
     return out.counts()
 
 
-def last_cut(piece):
-    """Just after piece's last newline with a non-space character on both sides, else
-    len(piece). GPT-2's pre-tokenizer makes such a newline a token of its own, so tokenizing
-    the pieces one by one gives the tokens of the whole text tokenized at once."""
-    end = piece.rfind("\n", 1, len(piece) - 1)
-    while end > 0 and (piece[end - 1].isspace() or piece[end + 1].isspace()):
-        end = piece.rfind("\n", 1, end)
-    return end + 1 if end > 0 else len(piece)
+def exact_cut(text, end, tok):
+    """Whether the tokens of text[:end] and text[end:] apart are those of text whole, judged on
+    the WINDOW characters each side (a BPE's tokens depend on nearby text only)."""
+    left, right = text[max(0, end - WINDOW):end], text[end:end + WINDOW]
+    a, b, both = tok.encode_ordinary([left, right, left + right])
+    return a + b == both
 
 
-def cut_after_newlines(pieces):
-    """Re-cut text pieces at their last_cut (the rest joins the next piece)."""
-    rest = ""
+def find_cut(text, limit, tok, tries=16):
+    """(end, exact): just after the last newline before limit with a non-space character on
+    both sides that exact_cut accepts, trying up to `tries` of them from the end; failing
+    that, (the last such newline or limit, False). GPT-2's pre-tokenizer makes such a newline
+    a token of its own, so for it the first try is exact."""
+    first = None
+    end = text.rfind("\n", 1, limit)
+    while end > 0 and tries:
+        if not (text[end - 1].isspace() or text[end + 1].isspace()):
+            first = first or end + 1
+            if exact_cut(text, end + 1, tok):
+                return end + 1, True
+            tries -= 1
+        end = text.rfind("\n", 1, end)
+    return first or limit, False
+
+
+def bpe_texts(pieces, tok, separator, inexact):
+    """The pieces of a split re-cut for encoding: texts of about a chunk each, cut by find_cut
+    (an inexact cut is appended to `inexact`), and None at each separator, where the
+    end-of-text token goes."""
+    rest, keep = "", max(WINDOW, len(separator))  # a separator may straddle two pieces
     for piece in pieces:
-        piece = rest + piece
-        end = last_cut(piece)
-        rest = piece[end:]
-        yield piece[:end]
-    if rest:
-        yield rest
+        rest += piece
+        if separator:
+            *docs, rest = rest.split(separator)
+            for doc in docs:
+                yield doc
+                yield None
+        if len(rest) > 2 * keep:
+            end, exact = find_cut(rest, len(rest) - keep, tok)
+            if not exact:
+                inexact.append(end)
+            yield rest[:end]
+            rest = rest[end:]
+    yield rest
 
 
-def write_gpt2(path, ranges, folder, chunk_size, num_proc):
-    with DatasetWriter(folder, gpt2_meta(source=path.name)) as out:
+def write_bpe(path, ranges, folder, chunk_size, meta, separator, threads):
+    """Each split encoded in batches of texts (tokenizers and tiktoken run a batch on their own
+    threads), the end-of-text token where a separator was."""
+    tok, inexact = Tokenizer(meta), []
+    with DatasetWriter(folder, meta) as out:
         for split, (start, stop) in ranges.items():
-            pieces = cut_after_newlines(read_utf8(path, start, stop, chunk_size))
-            # one piece per task: chunks are already large; no EOT, the file is one document
-            write_docs(pieces, out.split(split), num_proc, total_bytes=stop - start, eot=False,
-                       batch_docs=1)
+            f, batch = out.split(split), []
+
+            def flush(f=f, batch=batch):
+                texts = [t for t in batch if t]
+                ids = iter(tok.encode_ordinary(texts, threads))
+                for t in batch:
+                    if t is None:
+                        f.write([tok.eot_id])
+                    elif t:
+                        f.write(np.array(next(ids), dtype=np.int64))
+                batch.clear()
+
+            pieces = read_utf8(path, start, stop, chunk_size, desc=split)
+            for text in bpe_texts(pieces, tok, separator, inexact):
+                batch.append(text)
+                if sum(len(t or "") for t in batch) >= threads * chunk_size or len(batch) > 4096:
+                    flush()
+            flush()
+    if inexact:
+        print(f"note: {len(inexact)} chunk cuts where this tokenizer's tokens depend on the "
+              f"cut; there the ids may differ from the whole text's by a token")
     return out.counts()
+
+
+def bpe_meta(cfg, path):
+    """The meta of a BPE dataset: GPT-2's, or a tokenizer.json's (printing its end-of-text
+    token, which a --separator needs)."""
+    if cfg["tokenizer"] == "gpt2":
+        Tokenizer(gpt2_meta())  # offline without the GPT-2 BPE files: one line, before any work
+        return gpt2_meta(source=path.name)
+    meta, how = hf_meta(cfg["tokenizer"])
+    print(f"{cfg['tokenizer']}: {meta['vocab_size']:,} tokens ({meta['dtype']} ids), "
+          f"end-of-text token {meta['eot_token']!r} ({how})")
+    if cfg["separator"] and meta["eot_token"] is None:
+        raise DataError(f"--separator needs an end-of-text token, and '{cfg['tokenizer']}' has "
+                        f"none that BitGPT can find")
+    return dict(meta, source=path.name)
 
 
 def prepare(cfg):
     path, folder = check(cfg)
-    if cfg["tokenizer"] == "gpt2":
-        gpt2_encoding()  # offline without the GPT-2 BPE files: one line, before any work
+    meta = None if cfg["tokenizer"] == "char" else bpe_meta(cfg, path)
     ranges = split_ranges(path, cfg["val_fraction"])
     print(f"{path}: {ranges['val'][1]:,} bytes -> {folder} ({cfg['tokenizer']} tokens; "
           f"val is the last {cfg['val_fraction']:.1%})")
-    if cfg["tokenizer"] == "char":
+    if meta is None:
         counts = write_char(path, ranges, folder, cfg["chunk_size"])
     else:
-        counts = write_gpt2(path, ranges, folder, cfg["chunk_size"], cfg["num_proc"])
+        counts = write_bpe(path, ranges, folder, cfg["chunk_size"], meta, cfg["separator"],
+                           cfg["num_proc"])
     command = f"python train.py --dataset={cfg['name']}"
     if Path(cfg["data_dir"]).resolve() != REPO / "data":
         command += f" --data_dir={cfg['data_dir']}"
