@@ -17,7 +17,7 @@ import torch
 from common import ConfigError, defaults, load_model, resolve_device, run_cli
 from data.tokenizer import Tokenizer
 
-COMPILE_TOKENS = 20000  # compiling takes ~0.5-2 min and saves ~2-5 ms a token (RESULTS.md, Decode)
+COMPILE_TOKENS = 20000  # compiling takes minutes, repaid a few ms a token (RESULTS.md, Decode)
 SETTINGS = dict(
     out_dir=("out", "the run whose out_dir/ckpt.pt to sample from"),
     ckpt=("", "a checkpoint (.pt) or packed model (.bitnet); empty: out_dir/ckpt.pt"),
