@@ -8,6 +8,7 @@ are not in the cache (the gpt2_encoding fixture: it never downloads).
 """
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ SHARED = ROOT.parent / "shared"
 
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
+
+
+@pytest.fixture(autouse=True)
+def python_ctrl_c():
+    """Every test starts with Python's own Ctrl-C handler: a library run by an earlier test in
+    this process may leave SIGINT ignored, which the processes a test starts would inherit."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def corpus_path():

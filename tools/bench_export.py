@@ -132,7 +132,7 @@ def continuations(cfg, model, gguf_path, meta):
     tok = Tokenizer(meta)
     ids = torch.tensor([tok.encode(cfg["start"])])
     n = cfg["gen_tokens"]
-    if hasattr(model.transformer, "wpe"):  # llama.cpp aborts past a GPT's learned positions
+    if hasattr(model, "transformer"):  # llama.cpp aborts past a GPT's learned positions
         n = min(n, model.config.block_size - ids.size(1))
     with torch.no_grad():
         ours = tok.decode(generate(model, ids, n, temperature=0)[0].tolist())
