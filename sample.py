@@ -17,7 +17,10 @@ import torch
 from common import ConfigError, defaults, load_model, resolve_device, run_cli
 from data.tokenizer import Tokenizer
 
-COMPILE_TOKENS = 20000  # compiling takes minutes, repaid a few ms a token (RESULTS.md, Decode)
+# compile='auto' compiles a packed LLaMA's decode step for runs of at least this many tokens x
+# n_layer x n_embd: ~4000 tokens of the 114M shape, ~24000 of a 4.7M one, where a compile from an
+# empty cache (~16 s on 2 cores) has paid for itself (RESULTS.md, Decode)
+COMPILE_WORK = 37_000_000
 SETTINGS = dict(
     out_dir=("out", "the run whose out_dir/ckpt.pt to sample from"),
     ckpt=("", "a checkpoint (.pt) or packed model (.bitnet); empty: out_dir/ckpt.pt"),
@@ -29,9 +32,8 @@ SETTINGS = dict(
     seed=(1337, "random seed"),
     device=("auto", "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'mps'"),
     dtype=("auto", "'auto', 'float32', 'bfloat16' or 'float16'"),
-    compile=("auto", "torch.compile: of a packed LLaMA's decode step ('auto': when the run "
-                     f"generates >= {COMPILE_TOKENS} tokens, where its compile time pays), else "
-                     "of the model (True only)"),
+    compile=("auto", "torch.compile a packed LLaMA's decode step ('auto': for runs long enough "
+                     "to pay for the compile, see COMPILE_WORK), else the model (True only)"),
 )
 DEFAULTS = defaults(SETTINGS)
 
@@ -112,12 +114,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
 
 
 def make_decoder(model, compile, tokens, dtype="float32"):
-    """The Decoder that runs model's decode steps (None where it does not run this model, or
-    under autocast), compiled for compile=True, or 'auto' and at least COMPILE_TOKENS tokens."""
+    """The Decoder that runs model's decode steps for a run of `tokens` new tokens (None where
+    it does not run this model, or under autocast): compiled for compile=True, and for 'auto'
+    where tokens x n_layer x n_embd reaches COMPILE_WORK."""
     from bitlinear import decode
     if dtype != "float32" or not decode.supports(model):
         return None
-    on = compile is True or (compile == "auto" and tokens >= COMPILE_TOKENS)
+    work = tokens * model.config.n_layer * model.config.n_embd
+    on = compile is True or (compile == "auto" and work >= COMPILE_WORK)
     return decode.Decoder(model, compile=on and decode.can_compile(model))
 
 

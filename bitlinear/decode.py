@@ -1,8 +1,8 @@
 """Single-token decoding of an integer model (bitlinear/inference.py) in fewer passes, with the
 same bits as its forward.
 
-model(idx, cache=cache) is the readable reference. At batch 1 its decode step is some 150 small
-ops a layer, whose dispatch costs more than the ternary matmuls (RESULTS.md, Decode). Decoder
+model(idx, cache=cache) is the readable reference. At batch 1 its decode step is ~140 small ops
+a layer, whose dispatch costs more than the ternary matmuls (RESULTS.md, Decode). Decoder
 computes the same step with:
   - one GEMM per shared input: the sibling weights (wq, wk, wv; w1, w3) stacked, each output
     column divided by its own layer's s_x s_w, the division each layer makes alone;
@@ -142,11 +142,13 @@ def llama_layer(x, w, kc, vc, cos, sin, pos, positions, nq: int, nkv: int, relu2
     return x + int_linear(h if sub2 is None else rms(h, sub2, eps), *w2)
 
 
-def llama_layers(x, weights, caches, *args, layer=llama_layer):
-    """All blocks: weights and caches hold each block's (as llama_layer), args the rest."""
+def llama_steps(idx, weights, caches, *args, model, layer=llama_layer):
+    """The LLaMA step up to the head: embedding, every block (weights and caches hold each
+    block's, args the rest of llama_layer's), the final norm."""
+    x = model.tok_embeddings(idx).view(idx.size(0), model.config.n_embd)
     for w, (kc, vc) in zip(weights, caches, strict=True):
         x = layer(x, w, kc, vc, *args)
-    return x
+    return rms(x, model.norm.weight, model.norm.eps).view(idx.size(0), 1, -1)
 
 
 def supports(model) -> bool:
@@ -191,7 +193,7 @@ class Decoder:
         if type(self.model).__name__ != "Llama":
             return self._gpt_step(idx, cache)
         if self.compiled is None:
-            return self._llama_step(idx, cache, llama_layers, self.layers)
+            return self._llama_step(idx, cache, llama_steps, self.layers)
         if self.compile_seconds is None:
             return self._first_compiled_step(idx, cache)
         return self._llama_step(idx, cache, self.compiled, self.compiled_layers)
@@ -205,18 +207,17 @@ class Decoder:
         return (b.attention_norm.weight, lin(a.wq, a.wk, a.wv), sub(a.sub_norm), lin(a.wo),
                 b.ffn_norm.weight, lin(f.w1, f.w3), sub(f.sub_norm), lin(f.w2))
 
-    def _llama_step(self, idx, cache, layers_fn, weights):
+    def _llama_step(self, idx, cache, steps, weights):
         m, c, p = self.model, self.config, cache.length
-        B = idx.size(0)
-        x = m.tok_embeddings(idx).view(B, c.n_embd)
         pos = torch.tensor([p], device=idx.device)
         positions = torch.empty(p + 1, device=idx.device)  # only its length is read
-        if layers_fn is self.compiled:
+        if steps is self.compiled:
             torch._dynamo.maybe_mark_dynamic(positions, 0)  # one graph for every length
-        x = layers_fn(x, weights, [(lc.k, lc.v) for lc in cache.layers], m.rope_cos[p:p + 1],
-                      m.rope_sin[p:p + 1], pos, positions, c.n_head, c.n_kv_head,
-                      c.mlp == "relu2", c.norm_eps)
-        return m.output(m.norm(x.view(B, 1, c.n_embd)))
+            idx = idx.clone(memory_format=torch.contiguous_format)  # idx[:, -1:]'s strides vary
+        x = steps(idx, weights, [(lc.k, lc.v) for lc in cache.layers], m.rope_cos[p:p + 1],
+                  m.rope_sin[p:p + 1], pos, positions, c.n_head, c.n_kv_head, c.mlp == "relu2",
+                  c.norm_eps, model=m)
+        return m.output(x)  # fbgemm's packed head stays out of the graph
 
     def _compile(self):
         global SUM_LANES
@@ -232,8 +233,10 @@ class Decoder:
         self.compiled_layers = [tuple(t if not isinstance(t, tuple) else (*t[:2], None, t[3])
                                       for t in w) for w in self.layers]
         region = torch.compiler.nested_compile_region(llama_layer)  # traced once for all blocks
-        self.compiled = torch.compile(functools.partial(llama_layers, layer=region),
-                                      dynamic=False)
+        # one thread in the generated loops: at batch 1 they are too small for a parallel
+        # region's barriers to pay (the GEMMs still take torch's threads)
+        self.compiled = torch.compile(functools.partial(llama_steps, layer=region),
+                                      dynamic=False, options={"cpp.threads": 1})
 
     def _first_compiled_step(self, idx, cache):
         """Compile (timed), then run the eager step on the same input: equal logits keep the
@@ -245,7 +248,7 @@ class Decoder:
         except Exception as e:  # no C++ compiler, an unsupported platform, ...
             got, why = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         self.compile_seconds = time.perf_counter() - t0
-        want = self._llama_step(idx, cache, llama_layers, self.layers)  # rewrites the same k, v
+        want = self._llama_step(idx, cache, llama_steps, self.layers)  # rewrites the same k, v
         if got is None or not torch.equal(got, want):
             print(f"note: decoding without compile ({why})", file=sys.stderr)
             self.compiled = None

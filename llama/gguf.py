@@ -11,11 +11,12 @@ Which llama.cpp architecture runs our LLaMA's forward:
                  rows are permuted within each head: q.k, and so attention, is unchanged
 Both graphs compute SwiGLU: mlp='relu2' models export to --format=hf only, and bit_norm has no
 counterpart here. Ternary projections are TQ2_0 (2.06 bits/weight) or TQ1_0 (1.69) blocks of 256
-weights (bitlinear/pack.py) with block scale d = 1, and the tensor's scale mean|W| = 1/s_w goes,
-exact, into an F32 '<name>.scale' tensor that these graphs multiply the output by. A block never
-spans two rows, so every row length (n_embd, ffn_hidden) must be a multiple of 256. llama.cpp
-quantizes the inputs of those matmuls per 256-value block (Q8_K), not per token as we do, and
-keeps K and V in fp16: its logits are close to ours, not equal (RESULTS.md has the agreement).
+weights, or Q4_0 (4.5) blocks of 32 (bitlinear/pack.py), with block scale d = 1, and the
+tensor's scale mean|W| = 1/s_w goes, exact, into an F32 '<name>.scale' tensor that these graphs
+multiply the output by. A block never spans two rows, so every row length (n_embd, ffn_hidden)
+must be a multiple of the block. llama.cpp quantizes the inputs of those matmuls per block (Q8_K
+of 256, Q8_0 of 32), not per token as we do, and keeps K and V in fp16: its logits are close to
+ours, not equal (RESULTS.md has the agreement).
 Float models (bitlinear=False) are written with F16 (or F32) projections and no shape constraint.
 
 Tokenizer (add_tokenizer): GPT-2 BPE as 'gpt2' (tokens, merges), padded to vocab_size with unused
@@ -78,7 +79,7 @@ class Tensors:
         self.embed = q.Q8_0 if embed_int8 else self.float
 
     def ternary(self, name, t, d=1.0):
-        """Ternary int8 values in TQ blocks of scale d (d is stored as fp16)."""
+        """Ternary int8 values in qtype's blocks of scale d (stored as fp16)."""
         self.writer.add_tensor(name, PACK_BLOCKS[self.qtype](t, d).numpy(),
                                raw_dtype=getattr(self.q, self.qtype.upper()))
 
@@ -93,8 +94,9 @@ class Tensors:
 
 
 def add_tokenizer(writer, meta, vocab_size):
-    """The meta's tokenizer as llama.cpp's: 'gpt2' BPE, or 'rwkv' for characters; the model's
-    rows past the tokenizer's last id (GPT-2's 50257 padded to 50304) as unused tokens."""
+    """The meta's tokenizer as llama.cpp's: 'gpt2' BPE (GPT-2's, or a byte-level tokenizer.json),
+    or 'rwkv' for characters; the model's rows past the tokenizer's last id (GPT-2's 50257
+    padded to 50304) as unused tokens."""
     types = _gguf().TokenType
     kind = tokenizer_kind(meta)
     if kind == "char":
@@ -108,9 +110,7 @@ def add_tokenizer(writer, meta, vocab_size):
         tokens, merges = gpt2_vocab()
         eot, special, pre = tokens.index(GPT2_EOT), {}, "gpt-2"
     else:
-        v = hf_vocab(meta)
-        tokens, merges, special, pre, eot = v["tokens"], v["merges"], v["special"], v["pre"], \
-            v["eot"]
+        tokens, merges, special, pre, eot = hf_vocab(meta)
     if len(tokens) > vocab_size:
         raise ExportError(f"the tokenizer has {len(tokens)} tokens, more than the model's "
                           f"vocab_size {vocab_size}")
@@ -161,9 +161,9 @@ def split_rule(pre):
 
 
 def hf_vocab(meta):
-    """A meta's tokenizer.json as llama.cpp's byte-level BPE ('gpt2'): {'tokens' in id order,
-    'merges' as 'a b', 'special': {id: TokenType} of its added tokens, 'pre', 'eot': the
-    end-of-text id or None}; an ExportError naming what llama.cpp lacks for any other."""
+    """A meta's tokenizer.json as llama.cpp's byte-level BPE ('gpt2'): (tokens in id order,
+    merges as 'a b', {id: TokenType} of its added tokens, the pre-tokenizer's name, the
+    end-of-text id or None); an ExportError naming what llama.cpp lacks for any other."""
     types = _gguf().TokenType
     tj = json.loads(meta["tokenizer_json"])
     model, decoder = tj.get("model") or {}, tj.get("decoder") or {}
@@ -189,8 +189,7 @@ def hf_vocab(meta):
         tokens[i], special[i] = f"[UNUSED{i}]", types.UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     eot = meta.get("eot_token")
-    return {"tokens": tokens, "merges": merges, "special": special, "pre": pre,
-            "eot": ids.get(eot) if eot else None}
+    return tokens, merges, special, pre, ids.get(eot) if eot else None
 
 
 @contextmanager

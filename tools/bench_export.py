@@ -5,7 +5,7 @@
         --prompt_tokens=128 --new_tokens=128
 
 From one checkpoint (llama or gpt) it writes what export.py writes (.bitnet, the transformers
-folder where --format=hf takes the model, GGUF with TQ2_0 and TQ1_0) and reports:
+folder, GGUF with TQ2_0 and TQ1_0, or Q4_0 where the widths fill no block of 256) and reports:
   - the size of each;
   - agreement on val_windows windows of block_size tokens from the checkpoint's val split:
     transformers against BitGPT's integer path and training model, llama.cpp against the
@@ -13,7 +13,8 @@ folder where --format=hf takes the model, GGUF with TQ2_0 and TQ1_0) and reports
   - speed at batch 1, greedy, `threads` threads: llama.cpp's prompt processing (one eval of
     prompt_tokens random token ids) and decode (new_tokens single-token evals), best of
     `repeats`, next to BitGPT's integer path on the .bitnet file, timed the same way in its own
-    process by tools/bench_inference.py;
+    process by tools/bench_inference.py, its decode steps by the model (the reference), by
+    bitlinear/decode.py's Decoder (as sample.py runs them) and by that Decoder compiled;
   - greedy continuations of --start from llama.cpp and from BitGPT.
 A part whose library is not installed (transformers, llama-cpp-python) is skipped, saying so.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from bitlinear import kernels, to_integer
+from bitlinear.pack import BLOCK
 from common import ConfigError, defaults, load_checkpoint, model_from_checkpoint, run_cli
 from export import main as export_main
 from tools import bench_inference
@@ -41,7 +43,7 @@ SETTINGS = dict(
     start=("ROMEO:", "the prompt of the greedy continuations"),
     gen_tokens=(60, "tokens of each greedy continuation"),
     compile=("auto", "also time BitGPT's compiled decode step (LLaMA; its compile time is said); "
-                     "'auto': when new_tokens * repeats >= 100"),
+                     "'auto': when new_tokens * repeats >= 64"),
 )
 DEFAULTS = defaults(SETTINGS)
 
@@ -148,6 +150,13 @@ def continuations(cfg, model, gguf_path, meta):
     return texts
 
 
+def gguf_qtypes(ckpt):
+    """TQ2_0 and TQ1_0 where the widths fill their blocks of 256, else Q4_0 (blocks of 32)."""
+    args = ckpt["model_args"]
+    widths = [args["n_embd"]] + ([args["ffn_hidden"]] if ckpt["arch"] == "llama" else [])
+    return ["tq2_0", "tq1_0"] if all(w % BLOCK["tq2_0"] == 0 for w in widths) else ["q4_0"]
+
+
 def bench(cfg):
     """Print the report; return it as {'sizes', 'agreement', 'speed', 'text'}."""
     ckpt = load_checkpoint(cfg["ckpt"])
@@ -159,31 +168,25 @@ def bench(cfg):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         integer = to_integer(model_from_checkpoint(ckpt, cfg["ckpt"]).eval())
+        qtypes = gguf_qtypes(ckpt)
         files = {"model.bitnet": ["--format=packed"], "hf": ["--format=hf"],
-                 "tq2_0.gguf": ["--format=gguf", "--qtype=tq2_0"],
-                 "tq1_0.gguf": ["--format=gguf", "--qtype=tq1_0"]}
+                 **{f"{q}.gguf": ["--format=gguf", f"--qtype={q}"] for q in qtypes}}
         print("sizes:")
         results = dict(sizes={}, agreement={})
         for name, args in files.items():
             path = tmp / name
-            try:
-                export_main([f"--ckpt={cfg['ckpt']}", f"--to={path}", *args])
-            except SystemExit as e:  # --format=hf refuses GPTs: said, and skipped
-                if name != "hf":
-                    raise
-                print(f"  {name:12s} (skipped: {e})")
-                continue
+            export_main([f"--ckpt={cfg['ckpt']}", f"--to={path}", *args])
             size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else \
                 path.stat().st_size
             results["sizes"][name] = size
             print(f"  {name:12s} {size:>14,} bytes")
-        ggufs = [tmp / "tq2_0.gguf", tmp / "tq1_0.gguf"] if have("llama_cpp") else []
+        ggufs = [tmp / f"{q}.gguf" for q in qtypes] if have("llama_cpp") else []
         gguf_path = ggufs[0] if ggufs else None
         if cfg["val_windows"] > 0:
             windows = val_windows(ckpt, cfg["val_windows"], c.block_size)
             n = windows.numel()
             print(f"agreement on {n} val tokens ({cfg['val_windows']} windows of {c.block_size}):")
-            if "hf" in results["sizes"] and have("transformers"):
+            if have("transformers"):
                 for name, ours in (("integer path", integer), ("training model", model)):
                     report(results["agreement"], f"transformers vs BitGPT's {name}",
                            hf_agreement(ours, tmp / "hf", windows), n)
@@ -213,7 +216,7 @@ def speed(cfg, ckpt, bitnet_path, gguf_path, block, vocab):
           f"BitGPT's integer sums by {kernels.CPU_KERNEL}; BitGPT's decode steps by the model "
           f"(the reference), by bitlinear/decode.py's Decoder (sample.py's), and compiled:")
     compile = cfg["compile"] is True or (cfg["compile"] == "auto"
-                                         and cfg["new_tokens"] * cfg["repeats"] >= 100)
+                                         and cfg["new_tokens"] * cfg["repeats"] >= 64)
     job = dict(kind="packed", path=str(bitnet_path), arch=ckpt["arch"],
                model_args=ckpt["model_args"], prompt=prompt.tolist(),
                new_tokens=cfg["new_tokens"], repeats=cfg["repeats"], threads=cfg["threads"])
@@ -222,7 +225,7 @@ def speed(cfg, ckpt, bitnet_path, gguf_path, block, vocab):
     rows = [(DECODE_PATHS[how], r["prefill"], r["decode"]) for how, r in runs.items()
             if r["decoder"] == how or how == "model"]  # a path that fell back is not listed
     if gguf_path is not None:
-        rows.append(("llama.cpp TQ2_0 (.gguf)", *llama_cpp_speed(
+        rows.append((f"llama.cpp {gguf_path.stem.upper()} (.gguf)", *llama_cpp_speed(
             gguf_path, prompt.tolist(), cfg["new_tokens"], cfg["repeats"], cfg["threads"],
             block)))
     rates = {name: (cfg["prompt_tokens"] / p, cfg["new_tokens"] / d) for name, p, d in rows}
@@ -230,16 +233,17 @@ def speed(cfg, ckpt, bitnet_path, gguf_path, block, vocab):
     for name, (p, d) in rates.items():
         note = f"   (its first step, compiling: {seconds:.1f} s)" if "compiled" in name else ""
         print(f"  {name:36s} prompt {p:9.1f} tok/s   decode {d:8.1f} tok/s{note}")
-    theirs = rates.get("llama.cpp TQ2_0 (.gguf)")
+    theirs = rates.get(rows[-1][0]) if gguf_path is not None else None
     if theirs:
         print("  decode, BitGPT / llama.cpp: " + ", ".join(
             f"{name.split(', ')[1]} {d / theirs[1]:.2f}x" for name, (_, d) in rates.items()
             if name.startswith("BitGPT")))
     paths = {how: rates[DECODE_PATHS[how]] for how in runs if DECODE_PATHS[how] in rates}
     ours = paths.get("fast", paths["model"])
-    main = {"BitGPT integer path (.bitnet)": ours, **({"llama.cpp TQ2_0 (.gguf)": theirs}
-                                                      if theirs else {})}
-    return main, dict(paths, compile_seconds=seconds)
+    headline = {"BitGPT integer path (.bitnet)": ours}
+    if theirs:
+        headline[rows[-1][0]] = theirs
+    return headline, dict(paths, compile_seconds=seconds)
 
 
 def main(argv=None):
