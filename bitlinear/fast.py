@@ -7,12 +7,30 @@ for bit (tests/test_bitlinear.py), with fewer passes over the activations.
   matmuls in the same layouts that autograd runs for F.linear, so the same bits.
 - Shared input quantization: layers that read one tensor (LLaMA's wq, wk, wv and w1, w3, as the
   model declares with share_input) quantize it once.
+- Quantizers in fewer passes and no temporaries: each fresh full-size tensor costs the CPU
+  allocator page faults, which cost more than the arithmetic (RESULTS.md, Training step time).
 """
 
 import torch
 import torch.nn.functional as F
 
-from .layer import BitLinear, activation_quant, weight_quant
+from .layer import EPS, BitLinear, absmean_scale
+
+
+@torch.no_grad()
+def activation_quant(x, eps=EPS):
+    """layer.activation_quant, bit for bit: max|x| as max(max x, -min x), with no |x| tensor;
+    rounding in place; no clamp (|x| s_x <= 127 already)."""
+    peak = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    s = 127 / peak.float().clamp_(min=eps)
+    return (x.float() * s).round_().div_(s).to(x.dtype)
+
+
+@torch.no_grad()
+def weight_quant(w, eps=EPS):
+    """layer.weight_quant, bit for bit, rounding, clamping and rescaling in place."""
+    s = absmean_scale(w, eps)
+    return (w.float() * s).round_().clamp_(-1, 1).div_(s).to(w.dtype)
 
 
 class _BitLinearSTE(torch.autograd.Function):

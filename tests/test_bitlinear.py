@@ -15,6 +15,7 @@ from bitlinear import (
     FastBitLinear,
     activation_quant,
     activation_quant_int,
+    fast,
     make_linear,
     share_input,
     ternarize,
@@ -109,6 +110,22 @@ def assert_same(a, b):
     assert len(a) == len(b)
     for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v), (u - v).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_quantizers_equal_the_papers(dtype):
+    """fast.py's in-place quantizers, without the activation clamp, give layer.py's bits: over
+    six decades of token scales, an all-zero token, ties at .5 and outlying weights."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 300) * torch.logspace(-6, 4, 64)[:, None]
+    x[3] = 0.0
+    x[5] = torch.arange(300) - 149.5  # x s_x lands on many halves
+    w = torch.randn(300, 64) * 0.02
+    w[0, :8] = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.0, 1e-9, 0.1, -0.1])
+    for t in (x, w.t(), torch.zeros(4, 8)):
+        t = t.to(dtype)
+        assert torch.equal(fast.activation_quant(t), activation_quant(t))
+        assert torch.equal(fast.weight_quant(t), weight_quant(t))
 
 
 @pytest.mark.parametrize("bias", [False, True])
