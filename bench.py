@@ -205,14 +205,24 @@ def training_memory(arch, args, batch_size, dtype="bfloat16", shards=1,
     return int(state + acts + 4 * B * T * model.config.vocab_size)
 
 
+def weight_bytes(model, bits=2.0):
+    """Bytes of the model's weights, stored: BitLinear weights at `bits` each (2 as .bitnet and
+    TQ2_0 store them, 1.58 = log2(3) at best), every other parameter at 16 bits."""
+    from bitlinear import BitLinear
+    ternary = {id(m.weight) for m in model.modules() if isinstance(m, BitLinear)}
+    return sum(p.numel() * (bits / 8 if id(p) in ternary else 2) for p in model.parameters())
+
+
 def config_facts(path):
-    """What a config file trains, as the code builds it: (cfg, model args, parameter count)."""
+    """What a config file trains, as the code builds it: (cfg, model args, parameter count,
+    bytes of weights ternary and float)."""
     cfg = parse_args(TRAIN_DEFAULTS, [str(path)])
     vocab_size = 65 if cfg["dataset"] == "shakespeare_char" else 50304
     args = dict(model_args(cfg["arch"], cfg), vocab_size=vocab_size)
     with torch.device("meta"):
-        params = build_model(cfg["arch"], args).get_num_params()
-    return cfg, args, params
+        model = build_model(cfg["arch"], args)
+        float_twin = build_model(cfg["arch"], dict(args, bitlinear=False))
+    return cfg, args, model.get_num_params(), (weight_bytes(model), weight_bytes(float_twin))
 
 
 def count(n):
@@ -234,16 +244,19 @@ def config_table():
     """What `python train.py --list_configs` prints: every config, its model and the memory to
     train it, in float32 for the CPU-sized ones (under 5M parameters), else bfloat16."""
     rows = [("config", "arch", "params", "layers x width, context", "dataset", "batch",
-             "memory")]
-    for path, cfg, args, params in configs():
+             "weights", "memory")]
+    for path, cfg, args, params, (ternary, full) in configs():
         dtype = "float32" if params < 5e6 else "bfloat16"
         mem = training_memory(cfg["arch"], args, cfg["batch_size"], dtype)
         rows.append((f"configs/{path.name}", cfg["arch"], count(params),
                      f"{cfg['n_layer']} x {cfg['n_embd']}, {cfg['block_size']}", cfg["dataset"],
-                     str(cfg["batch_size"]), f"{size(mem)} {dtype}"))
+                     str(cfg["batch_size"]), f"{size(ternary)} / {size(full)}",
+                     f"{size(mem)} {dtype}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines + ["memory: to train on one device without sharding, at the config's "
+    return "\n".join(lines + ["weights: stored, ternary (2 bits each) / float (16 bits) "
+                              "(bench.weight_bytes)",
+                              "memory: to train on one device without sharding, at the config's "
                               "batch_size (bench.training_memory)"])
 
 
@@ -257,7 +270,7 @@ def memory_table(gpus=8):
             "ckpt |", "|---|---|---|---|---|---|---|"]
     fit = lambda b: f"{b / 1e9:.1f} GB" + next((f" ({g})" for g in (24, 40, 80)  # noqa: E731
                                                 if b < g * 1e9 * 0.9), " (>80)")
-    for path, cfg, args, params in configs():
+    for path, cfg, args, params, _ in configs():
         dtype = "float32" if params < 5e6 else "bfloat16"
         need = [training_memory(cfg["arch"], args, cfg["batch_size"], dtype, shards, ckpt)
                 for shards in (1, gpus) for ckpt in (False, True)]

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from bench import config_facts, config_table, size, training_memory
+from bench import config_facts, config_table, size, training_memory, weight_bytes
 from common import ConfigError, build_model, parse_args
 from tests.conftest import ROOT
 from train import DEFAULTS, get_lr, get_weight_decay, resolve
@@ -35,7 +35,7 @@ def test_every_config_is_on_the_ladder():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_builds_at_its_size_and_memory(path):
     params, memory, dtype = LADDER[path.stem]
-    cfg, args, n = config_facts(path)
+    cfg, args, n, _ = config_facts(path)
     with torch.device("meta"):  # no memory, even for 3B parameters
         assert build_model(cfg["arch"], args).get_num_params() == n
     assert abs(n - params) / n < 0.02, (n, params)
@@ -46,7 +46,7 @@ def test_config_builds_at_its_size_and_memory(path):
 def test_the_ladder_spans_50k_to_over_1b_for_both_archs():
     sizes = {}
     for path in CONFIGS:
-        cfg, _, n = config_facts(path)
+        cfg, _, n, _ = config_facts(path)
         sizes.setdefault(cfg["arch"], []).append(n)
     for arch in ("gpt", "llama"):
         assert 45e3 <= min(sizes[arch]) <= 60e3 and max(sizes[arch]) > 1e9, arch
@@ -73,13 +73,26 @@ def test_memory_estimate_counts_what_autograd_really_saves(arch):
     assert training_memory(arch, args, 3, "float32") == pytest.approx(real, rel=1e-3)
 
 
+@pytest.mark.parametrize("bitlinear", [True, False])
+def test_weight_bytes_counts_ternary_weights_at_their_bits(bitlinear):
+    """A GPT block holds 12 C^2 linear weights (qkv 3, proj 1, fc 4, proj 4): ternary at 2 or
+    1.58 bits each, and the embeddings, norms and biases (or a float model's all) at 16."""
+    L, C = 2, 32
+    model = build_model("gpt", dict(n_layer=L, n_head=2, n_embd=C, block_size=16,
+                                    vocab_size=65, bitlinear=bitlinear))
+    n = sum(p.numel() for p in model.parameters())
+    linear = 12 * L * C * C if bitlinear else 0
+    for bits in (2, 1.58):
+        assert weight_bytes(model, bits) == pytest.approx(linear * bits / 8 + 2 * (n - linear))
+
+
 def test_list_configs_prints_every_config():
     r = subprocess.run([sys.executable, "train.py", "--list_configs"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     for path in CONFIGS:
         line = next(ln for ln in r.stdout.splitlines() if f"configs/{path.name} " in ln)
-        cfg, args, n = config_facts(path)
+        cfg, args, n, _ = config_facts(path)
         dtype = LADDER[path.stem][2]
         memory = training_memory(cfg["arch"], args, cfg["batch_size"], dtype)
         assert f" {cfg['arch']} " in line and f"{size(memory)} {dtype}" in line

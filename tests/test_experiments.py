@@ -31,6 +31,9 @@ def test_sweep_trains_the_grid_then_skips_it(data_dir, tmp_path, monkeypatch):
     params = results["gpt_50k"]["ternary"]["params"]
     assert params < 5000  # the command line's --n_embd=16 overrides the config's 32
     assert f"| gpt_50k | {params / 1e6:.3f}M |" in table and f"{gap:+.4f}" in table
+    ternary, full = (results["gpt_50k"][v]["weight_bytes"] for v in ("ternary", "float"))
+    assert 2 < full / ternary < 8  # 16 against 2 bits, less the 16-bit embeddings and norms
+    assert f"| {ternary / 1e6:.3g} MB | {full / 1e6:.3g} MB |" in table
     assert (root / "curves.png").stat().st_size > 10_000 and (root / "sizes.png").exists()
 
     def no_training(*args, **kwargs):  # a second run of the same command must not train again

@@ -102,24 +102,37 @@ def runs_paired(runs):
 
 
 def plot_sizes(rows, out, title=""):
-    """Final val loss against parameters for each variant, and the ternary - float gap.
+    """Final val loss against parameters for each variant, the ternary - float gap, and val loss
+    against bytes of weights (where every run has its count): ternary against float at equal
+    memory.
 
-    rows: [{"params": n, "<variant>": val_loss, ...}] as tools/sweep.py collects them."""
+    rows: [{"params": n, "<variant>": val_loss, ..., "bytes": {"<variant>": n}}] as
+    tools/sweep.py collects them."""
     plt = pyplot()
-    variants = [k for k in rows[0] if k != "params"]
-    fig, axes = plt.subplots(1, 2 if {"ternary", "float"} <= set(variants) else 1,
-                             figsize=(10, 4), squeeze=False)
+    variants = [k for k in rows[0] if k not in ("params", "bytes")]
+    pair = {"ternary", "float"} <= set(variants)
+    memory = all(b is not None for r in rows for b in r.get("bytes", {None: None}).values())
+    fig, axes = plt.subplots(1, 1 + pair + memory, figsize=(5 * (1 + pair + memory), 4),
+                             squeeze=False)
+    axes = list(axes[0])
     params = [r["params"] for r in rows]
     for v in variants:
-        axes[0][0].plot(params, [r[v] for r in rows], "o-", label=v)
-    axes[0][0].set(xscale="log", xlabel="parameters", ylabel="final val loss", title=title)
-    axes[0][0].legend()
-    if axes.shape[1] == 2:
-        axes[0][1].plot(params, [r["ternary"] - r["float"] for r in rows], "o-", color="C3")
-        axes[0][1].axhline(0, color="gray", lw=0.8)
-        axes[0][1].set(xscale="log", xlabel="parameters", ylabel="ternary - float (nats)",
-                       title="the gap")
-    for ax in axes[0]:
+        axes[0].plot(params, [r[v] for r in rows], "o-", label=v)
+    axes[0].set(xscale="log", xlabel="parameters", ylabel="final val loss", title=title)
+    axes[0].legend()
+    if pair:
+        axes[1].plot(params, [r["ternary"] - r["float"] for r in rows], "o-", color="C3")
+        axes[1].axhline(0, color="gray", lw=0.8)
+        axes[1].set(xscale="log", xlabel="parameters", ylabel="ternary - float (nats)",
+                    title="the gap")
+    if memory:
+        for v in variants:
+            axes[-1].plot([r["bytes"][v] / 1e6 for r in rows], [r[v] for r in rows], "o-",
+                          label=v)
+        axes[-1].set(xscale="log", xlabel="MB of weights (ternary at 2 bits, the rest at 16)",
+                     ylabel="final val loss", title="equal memory")
+        axes[-1].legend()
+    for ax in axes:
         ax.grid(alpha=0.3)
     save(fig, out)
 

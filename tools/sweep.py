@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from bench import weight_bytes
 from common import ConfigError, defaults, parse_args, run_cli
 from tools.plot import read_metrics
 from train import DEFAULTS as TRAIN_DEFAULTS
@@ -63,6 +64,7 @@ def run_one(config, flags, out_dir):
         return None  # stopped by a signal or max_time; the checkpoint is saved
     last = [m for m in read_metrics(out_dir) if "val_loss" in m][-1]
     result = {"config": config, "params": run.raw_model.get_num_params(),
+              "weight_bytes": weight_bytes(run.raw_model),
               "val_loss": last["val_loss"], "val_bpb": last.get("val_bpb"), "step": last["step"],
               "tokens": last["tokens"], "wall_time": last["time"]}  # time: across resumes
     result_file.write_text(json.dumps(result))
@@ -70,11 +72,13 @@ def run_one(config, flags, out_dir):
 
 
 def table(results, variants):
-    """Markdown: one row per config, val loss (and bits per byte) per variant, wall times."""
+    """Markdown: one row per config, val loss (and bits per byte) per variant, wall times, bytes
+    of weights (bench.weight_bytes: ternary weights at 2 bits, the rest at 16)."""
     pair = {"ternary", "float"} <= set(variants)
     head = ["config", "params"] + [f"{v} val loss" for v in variants]
     head += ["ternary - float"] if pair else []
     head += [f"{v} bpb" for v in variants] + [f"{v} time" for v in variants]
+    head += [f"{v} weights" for v in variants]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for config, runs in results.items():
         first = next(iter(runs.values()))
@@ -83,6 +87,8 @@ def table(results, variants):
         cells += [f"{runs['ternary']['val_loss'] - runs['float']['val_loss']:+.4f}"] if pair else []
         cells += [f"{runs[v]['val_bpb']:.4f}" if runs[v]["val_bpb"] else "-" for v in variants]
         cells += [f"{runs[v]['wall_time']:.0f} s" for v in variants]
+        cells += [f"{runs[v]['weight_bytes'] / 1e6:.3g} MB" if "weight_bytes" in runs[v] else "-"
+                  for v in variants]  # a result.json from before the count
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -112,7 +118,8 @@ def sweep(argv):
     from tools.plot import plot_curves, plot_sizes
     plot_curves([root / f"{c}-{v}" for c in configs for v in variants], root / "curves.png")
     if len(configs) > 1:
-        plot_sizes([{"params": r[next(iter(r))]["params"], **{v: r[v]["val_loss"] for v in r}}
+        plot_sizes([{"params": r[next(iter(r))]["params"], **{v: r[v]["val_loss"] for v in r},
+                     "bytes": {v: r[v].get("weight_bytes") for v in r}}
                     for r in results.values()], root / "sizes.png")
     return results
 
