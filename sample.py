@@ -18,8 +18,8 @@ from common import ConfigError, defaults, load_model, resolve_device, run_cli
 from data.tokenizer import Tokenizer
 
 # compile='auto' compiles a packed LLaMA's decode step for runs of at least this many tokens x
-# n_layer x n_embd: ~4000 tokens of the 114M shape, ~24000 of a 4.7M one, where a compile from an
-# empty cache (~16 s on 2 cores) has paid for itself (RESULTS.md, Decode)
+# n_layer x n_embd: ~4000 tokens of the 114M shape, ~24000 of a 4.7M one, where the time a compile
+# from an empty cache takes has paid for itself (RESULTS.md, Decode)
 COMPILE_WORK = 37_000_000
 SETTINGS = dict(
     out_dir=("out", "the run whose out_dir/ckpt.pt to sample from"),

@@ -9,6 +9,8 @@ for bit (tests/test_bitlinear.py), with fewer passes over the activations.
   model declares with share_input) quantize it once.
 - Quantizers in fewer passes and no temporaries: each fresh full-size tensor costs the CPU
   allocator page faults, which cost more than the arithmetic (RESULTS.md, Training step time).
+- W_q kept across no-grad forwards while the latent weight is unchanged: an evaluation runs
+  hundreds of forwards between two optimizer steps.
 """
 
 import torch
@@ -92,6 +94,16 @@ class FastBitLinear(BitLinear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.shared_input = None  # a SharedInput, set by share_input
+        self.w_q_cache = None  # (weight, its state, W_q) from the last no-grad forward
+
+    def frozen_weight_quant(self):
+        """weight_quant(self.weight), reused while the weight is unchanged: the same tensor
+        object, storage, dtype and device, and no in-place write since (its version counter)."""
+        w, cache = self.weight, self.w_q_cache
+        state = (w.data_ptr(), w._version, w.dtype, w.device)
+        if cache is None or cache[0] is not w or cache[1] != state:
+            self.w_q_cache = cache = (w, state, weight_quant(w, self.eps))
+        return cache[2]
 
     def forward(self, x):
         if self.lam is not None:  # a quantization warm-up: the paper's form, with its blend
@@ -103,7 +115,8 @@ class FastBitLinear(BitLinear):
         shared = self.shared_input
         x_q = shared(x, self.eps) if shared is not None else activation_quant(x, self.eps)
         if not torch.is_grad_enabled():  # evaluation, generation: no graph
-            return F.linear(x_q, weight_quant(self.weight, self.eps), self.bias)
+            return F.linear(x_q, self.frozen_weight_quant(), self.bias)
+        self.w_q_cache = None  # training: the optimizer is about to change the weight
         return _BitLinearSTE.apply(x, self.weight, self.bias, x_q, self.eps)
 
 

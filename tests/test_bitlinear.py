@@ -205,6 +205,40 @@ def test_fast_layer_follows_load_state_dict_to_and_inference_mode():
     assert torch.equal(layer.weight.grad, torch.ones(3, 8).t() @ activation_quant(x.detach()))
 
 
+def test_no_grad_forwards_reuse_w_q_until_the_weight_changes(monkeypatch):
+    """An evaluation's forwards quantize the weight once; any change to it is seen: a training
+    step (fused AdamW leaves the version counter alone), in-place writes, a new state dict."""
+    torch.manual_seed(0)
+    layer = FastBitLinear(16, 8)
+    calls = []
+    quantize = fast.weight_quant
+    monkeypatch.setattr(fast, "weight_quant", lambda w, eps: calls.append(1) or quantize(w, eps))
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    x = torch.randn(3, 16)
+
+    def check():  # three no-grad forwards, right, for one quantization
+        before = len(calls)
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(layer(x), reference(layer, x))
+        assert len(calls) == before + 1
+
+    check()
+    layer(x).sum().backward()  # a training forward lets W_q go
+    opt.step()
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(-1)
+    check()
+    layer.load_state_dict(FastBitLinear(16, 8).state_dict())
+    check()
+    layer.weight.data = torch.randn(8, 16)
+    check()
+    with torch.inference_mode():
+        assert torch.equal(layer(x), reference(layer, x))
+    assert "w_q_cache" not in str(layer.state_dict().keys())
+
+
 def test_layers_reading_one_tensor_share_its_quantization(monkeypatch):
     """LLaMA's q, k, v (and gate, up) read one tensor: quantized once, the same gradients."""
     torch.manual_seed(0)
