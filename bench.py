@@ -19,7 +19,9 @@ peak RSS during the benchmark (getrusage), for the whole process (both models wi
 With --reference=True the ternary model runs bitlinear/layer.py's BitLinear, the paper's
 formulation, instead of its fast form (bitlinear/fast.py); with --compare too, all three run
 side by side. The two ternary forms compute the same numbers: the step times say what the fast
-one buys. Keys: train.py's and those below (--help).
+one buys. --profile=N shows where a step's time goes: N more steps of each model under
+torch.profiler, their top ops by self CPU time, and how many operator calls a step makes.
+Keys: train.py's and those below (--help).
 """
 
 import resource
@@ -45,6 +47,8 @@ SETTINGS = dict(
     bench_warmup=(10, "untimed steps first"),
     bench_rounds=(4, "alternating rounds the timed steps are split into (--compare)"),
     peak_flops=(0.0, "FLOPS of the device for MFU; 0 looks it up in common.PEAK_FLOPS"),
+    profile=(0, "then this many more steps per model under torch.profiler: print its top ops "
+             "and the operator calls per step"),
     memory=(False, "print every config's estimated training memory per GPU instead"),
 )
 
@@ -80,6 +84,19 @@ def time_steps(run, n):
     return times, torch.cuda.max_memory_allocated(device) if cuda else 0
 
 
+def profile_steps(run, n):
+    """n steps under torch.profiler: its table of ops by self CPU time, and the operator calls
+    per step (aten ops with no aten op inside: each one a dispatch that runs a kernel or a view)."""
+    from torch.profiler import profile
+    with profile() as prof:
+        for _ in range(n):
+            _, _, run.batch = train_step(run, run.batch)
+        sync(run.cfg["device"])
+    calls = sum(1 for e in prof.events() if e.name.startswith("aten::")
+                and not any(c.name.startswith("aten::") for c in e.cpu_children))
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), calls / n
+
+
 def use_reference(model):
     """Turn the model's fast BitLinears into the paper's (the same weights and numbers)."""
     from bitlinear import BitLinear, FastBitLinear
@@ -111,6 +128,9 @@ def bench(cfg):
                 times, mem = time_steps(run["trainer"], per_round)
                 run["times"] += times
                 run["mem"] = max(run["mem"], mem)
+        if cfg["profile"]:
+            for run in runs.values():
+                run["table"], run["calls"] = profile_steps(run["trainer"], cfg["profile"])
     rss = peak_rss_bytes() - rss0
     flops, source = peak_flops(cfg["device"], cfg["peak_flops"])
     tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
@@ -132,6 +152,11 @@ def bench(cfg):
         print(f"{name:8s} {model.get_num_params() / 1e6:7.2f}M params  {ms:8.2f} ms/step  "
               f"{tokens_per_s:10,.0f} tokens/s  MFU "
               + (f"{mfu:6.2%}" if mfu is not None else "n/a") + f"  {mem_text}")
+    if cfg["profile"]:
+        for name, run in runs.items():
+            result[name]["op_calls"] = run["calls"]
+            print(f"{name}, {cfg['profile']} steps under torch.profiler:\n{run['table']}\n"
+                  f"{name}: {run['calls']:.0f} operator calls per step")
     if cfg["compare"]:
         result["ratio"] = result["ternary"]["ms"] / result["float"]["ms"]
         print(f"ternary/float step time: {result['ratio']:.3f}x (median of "

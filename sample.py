@@ -116,12 +116,13 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
 def make_decoder(model, compile, tokens, dtype="float32"):
     """The Decoder that runs model's decode steps for a run of `tokens` new tokens (None where
     it does not run this model, or under autocast): compiled for compile=True, and for 'auto'
-    where tokens x n_layer x n_embd reaches COMPILE_WORK."""
+    where tokens x n_layer x n_embd reaches COMPILE_WORK and decode.compile_pays."""
     from bitlinear import decode
     if dtype != "float32" or not decode.supports(model):
         return None
     work = tokens * model.config.n_layer * model.config.n_embd
-    on = compile is True or (compile == "auto" and work >= COMPILE_WORK)
+    on = compile is True or (compile == "auto" and work >= COMPILE_WORK
+                             and decode.compile_pays(model))
     return decode.Decoder(model, compile=on and decode.can_compile(model))
 
 

@@ -15,12 +15,14 @@ computes the same step with:
     decode steps by a Decoder share one cache.
 Each op is the model's op on the same numbers, or elementwise the same arithmetic.
 
-compile=True (LLaMA, CPU, torch._int_mm sums) runs the step through torch.compile, whose C++
-loops fuse each chain of elementwise ops into one pass. The one op whose bits the compiler would
-change is RMSNorm's sum of squares (its own summation order): under compile it is written out
-in ATen's order (ordered_sum), checked against ATen here on this machine before use, and the
-first compiled step is checked against the eager one; either check failing, or the compiler
-missing, means the eager step, said once on stderr.
+compile=True (LLaMA, CPU) runs the step through torch.compile, whose C++ loops fuse each chain
+of elementwise ops into one pass. Its sums are torch._int_mm's where that is fast (VNNI); on
+other CPUs (fbgemm's packed weights cannot enter a graph) a float32 GEMM's, on a float32 copy of
+the block weights: exact integers again, but 4 bytes a weight to read for each token. The one
+op whose bits the compiler would change is RMSNorm's sum of squares (its own summation order):
+under compile it is written out in ATen's order (ordered_sum), checked against ATen here on
+this machine before use, and the first compiled step is checked against the eager one; either
+check failing, or the compiler missing, means the eager step, said once on stderr.
 """
 
 import functools
@@ -36,11 +38,18 @@ from .kernels import IntegerGemm
 
 
 def int_linear(x, weight, scale, gemm=None, eps=1e-5):
-    """TernaryLinear's output for rows x (rows, in), weight int8 (out, in) and scale (out,)
-    each column's s_w; gemm an IntegerGemm (None: torch._int_mm, the form torch.compile sees)."""
+    """TernaryLinear's output for rows x (rows, in), weight (out, in) and scale (out,) each
+    column's s_w; gemm an IntegerGemm. gemm None is the form torch.compile sees: an int8 weight
+    sums by torch._int_mm, a float32 one (the same integers) by a float32 GEMM, exact as
+    IntegerGemm's fbgemm path is (every sum below 2**24), so the same bits either way."""
     s_x = x.abs().amax(dim=-1, keepdim=True).clamp(min=eps).reciprocal() * 127
     x_i = (x * s_x).round().to(torch.int8)
-    sums = torch._int_mm(x_i, weight.t()) if gemm is None else gemm(x_i, weight)
+    if gemm is not None:
+        sums = gemm(x_i, weight)
+    elif weight.dtype == torch.int8:
+        sums = torch._int_mm(x_i, weight.t())
+    else:
+        sums = x_i.float() @ weight.t()
     return torch.div(sums, s_x * scale)
 
 
@@ -161,9 +170,22 @@ def supports(model) -> bool:
 
 
 def can_compile(model) -> bool:
-    """Whether Decoder(model, compile=True) compiles: LLaMA, and integer sums by torch._int_mm
-    (fbgemm's packed weights cannot enter a compiled graph)."""
-    return supports(model) and type(model).__name__ == "Llama" and kernels.CPU_KERNEL == "int_mm"
+    """Whether Decoder(model, compile=True) compiles: LLaMA models."""
+    return supports(model) and type(model).__name__ == "Llama"
+
+
+# Without VNNI a compiled step reads a float32 copy of the block weights for each token: it beat
+# the eager Decoder with a 19 MB copy and lost with a 340 MB one (RESULTS.md, Decode); this
+# bound lies between the two.
+FLOAT_COPY_BYTES = 64 << 20
+
+
+def compile_pays(model) -> bool:
+    """Whether the compiled step should beat the eager one here (sample.py's compile='auto')."""
+    if not can_compile(model):
+        return False
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, TernaryLinear))
+    return kernels.CPU_KERNEL == "int_mm" or 4 * n <= FLOAT_COPY_BYTES
 
 
 class Decoder:
@@ -226,12 +248,14 @@ class Decoder:
             SUM_LANES = SUM_LANES or sum_lanes((c.n_embd, c.ffn_hidden))
         if not can_compile(self.model) or SUM_LANES is None:
             why = ("ATen's summation order was not found on this machine" if can_compile(
-                self.model) else "compile runs LLaMA models with torch._int_mm sums")
+                self.model) else "compile runs LLaMA models")
             print(f"note: decoding without compile ({why})", file=sys.stderr)
             return
-        # each linear as (weight, scale, None, eps): None selects torch._int_mm in int_linear
-        self.compiled_layers = [tuple(t if not isinstance(t, tuple) else (*t[:2], None, t[3])
-                                      for t in w) for w in self.layers]
+        def own_sums(t):  # a linear as (weight, scale, None, eps): int_linear sums by itself
+            weight = t[0] if kernels.CPU_KERNEL == "int_mm" else t[0].float()
+            return weight, t[1], None, t[3]
+        self.compiled_layers = [tuple(own_sums(t) if isinstance(t, tuple) else t for t in w)
+                                for w in self.layers]
         region = torch.compiler.nested_compile_region(llama_layer)  # traced once for all blocks
         # one thread in the generated loops: at batch 1 they are too small for a parallel
         # region's barriers to pay (the GEMMs still take torch's threads)

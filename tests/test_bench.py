@@ -8,7 +8,7 @@ import bench
 
 def tiny(tiny_cfg, **kw):
     return {**tiny_cfg, "compare": False, "reference": False, "bench_steps": 4, "bench_warmup": 1,
-            "bench_rounds": 2, "peak_flops": 0.0, **kw}
+            "bench_rounds": 2, "peak_flops": 0.0, "profile": 0, **kw}
 
 
 def test_compare_reports_both_models_and_their_ratio(tiny_cfg, capsys):
@@ -56,3 +56,15 @@ def test_command_line(tiny_cfg, capsys):
         "--bench_rounds=1"]
     r = bench.main(argv)
     assert r["ratio"] > 0 and "ternary/float step time" in capsys.readouterr().out
+
+
+def test_profile_shows_the_quantizers_operator_calls(tiny_cfg, capsys):
+    r = bench.bench(tiny(tiny_cfg, compare=True, profile=2))
+    out = capsys.readouterr().out
+    layers = 4 * tiny_cfg["n_layer"]  # BitLinears: qkv, attention out, MLP in and out
+    # each quantizes its weight and its input in the forward: at least 8 more calls apiece
+    assert r["ternary"]["op_calls"] - r["float"]["op_calls"] >= 8 * layers
+    assert r["float"]["op_calls"] > 100
+    for name in ("ternary", "float"):
+        assert f"{name}: {r[name]['op_calls']:.0f} operator calls per step" in out
+    assert out.count("Self CPU time total") == 2

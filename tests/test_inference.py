@@ -291,12 +291,28 @@ def test_ordered_sum_adds_as_aten_does():
         assert not torch.equal(ordered_sum(sq, lanes).double(), sq.double().sum(-1, True)), n
 
 
-def test_compiled_decoder_steps_are_the_models_bit_for_bit(tmp_path):
-    """torch.compile of the LLaMA step: the same logits (the compile takes ~20 s here)."""
-    from bitlinear.decode import Decoder, can_compile
+@pytest.mark.parametrize("kernel", ["int_mm", "fbgemm"])
+def test_compiled_decoder_steps_are_the_models_bit_for_bit(tmp_path, monkeypatch, kernel):
+    """torch.compile of the LLaMA step, summing by torch._int_mm or by a float32 GEMM (as on
+    CPUs without VNNI): the same logits (each compile takes ~10 s here)."""
+    from bitlinear import kernels
+    from bitlinear.decode import Decoder
+    monkeypatch.setattr(kernels, "CPU_KERNEL", kernel)
     model = packed_model("llama-gqa-relu2-subln-tied", tmp_path)
-    if not can_compile(model):
-        pytest.skip("compile runs with torch._int_mm sums (this CPU takes fbgemm's)")
     decoder = Decoder(model, compile=True)
+    weight = decoder.compiled_layers[0][1][0]
+    assert weight.dtype == (torch.int8 if kernel == "int_mm" else torch.float32)
     assert_decoder_is_the_model(model, decoder, steps=8, batch=1)
     assert decoder.compiled is not None and decoder.compile_seconds > 0  # it did not fall back
+
+
+def test_compile_pays_with_int8_sums_or_a_small_float32_copy(tmp_path, monkeypatch):
+    from bitlinear import decode, kernels
+    llama = packed_model("llama-gqa-relu2-subln-tied", tmp_path)
+    monkeypatch.setattr(kernels, "CPU_KERNEL", "fbgemm")
+    assert decode.compile_pays(llama)  # a float32 copy of a few hundred KB
+    monkeypatch.setattr(decode, "FLOAT_COPY_BYTES", 4 * 64 * 64)
+    assert not decode.compile_pays(llama)
+    monkeypatch.setattr(kernels, "CPU_KERNEL", "int_mm")
+    assert decode.compile_pays(llama)  # int8 sums: no copy
+    assert not decode.compile_pays(packed_model("gpt", tmp_path))  # compile runs LLaMA only
