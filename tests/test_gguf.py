@@ -33,6 +33,9 @@ BITNET = dict(subln=True, tie_embeddings=True)  # llama.cpp arch 'bitnet'
 LLAMA = dict()  # arch 'llama': untied head, grouped-query attention (n_kv_head=2)
 GPT = dict()  # arch 'gpt2', no biases (zeros written)
 TOP1, MAX_ERR = 0.95, 0.1
+# Q8_0 rounds embeddings and head per 32 values and llama.cpp rounds the head's input to 8 bits
+# as well, so those files agree less closely, by an amount that moves with the CPU's kernels.
+MAX_ERR_Q8 = 0.2
 
 
 @pytest.fixture(scope="session")
@@ -200,7 +203,7 @@ def test_llama_cpp_agrees_with_integer_inference(request, data_dir, arch, over, 
     ours = our_logits(out, ids)
     assert theirs.shape == ours.shape
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= TOP1
-    assert np.abs(theirs - ours).max() < MAX_ERR
+    assert np.abs(theirs - ours).max() < (MAX_ERR_Q8 if "--embed_int8=True" in args else MAX_ERR)
 
 
 @pytest.mark.parametrize("arch,over", [("llama", BITNET), ("gpt", GPT)])
