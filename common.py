@@ -1,5 +1,6 @@
 """What every entry (train.py, sample.py, export.py, bench.py, tools/) shares: the config system,
-one-line errors, devices, atomic writes, and models and checkpoints by name.
+one-line errors, devices, atomic writes, and models and checkpoints by name. It imports nothing
+of the project but the model file an architecture names.
 
 The config system is nanoGPT's: config files set values, --key=value overrides them.
 
@@ -14,6 +15,7 @@ that assign keys, run in their own namespace (they are code, as in nanoGPT: run 
 import ast
 import dataclasses
 import difflib
+import importlib
 import os
 import pickle
 import re
@@ -36,6 +38,10 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message says why and what to do, in one line."""
+
+
+class DataError(UserError):
+    """A problem with the user's data or setup; shown as one line."""
 
 
 # ---- settings and the command line ----------------------------------------------------------
@@ -245,32 +251,34 @@ def atomic_path(path):
 
 # ---- models by name, and checkpoints --------------------------------------------------------
 
-def archs():
-    """{arch name: (model class, config class)}: the architectures train.py can build."""
-    import gpt.model
-    import llama.model
-    return {"gpt": (gpt.model.GPT, gpt.model.GPTConfig),
-            "llama": (llama.model.Llama, llama.model.LlamaConfig)}
+ARCHS = {"gpt": ("gpt.model", "GPT", "GPTConfig"), "llama": ("llama.model", "Llama", "LlamaConfig")}
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's, for --init_from
+
+
+def model_classes(arch):
+    """(model class, config class) of an architecture; only its own model file is loaded."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch '{arch}'; choose one of {sorted(ARCHS)}")
+    module, model, config = ARCHS[arch]
+    module = importlib.import_module(module)
+    return getattr(module, model), getattr(module, config)
 
 
 def blocks(model):
-    """The model's transformer blocks, in order: the units of FSDP and of recomputation."""
-    import gpt.model
-    import llama.model
-    return [m for m in model.modules() if isinstance(m, (gpt.model.Block, llama.model.Block))]
+    """The model's transformer blocks, in order (its one ModuleList): the units of FSDP, of
+    recomputation, and of Muon's matrices."""
+    return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
 
 
 def model_args(arch, config):
     """The model's constructor arguments, taken from a full training config."""
-    return {f.name: config[f.name] for f in dataclasses.fields(archs()[arch][1])
+    return {f.name: config[f.name] for f in dataclasses.fields(model_classes(arch)[1])
             if f.name in config}
 
 
 def build_model(arch, args):
     """The model of architecture `arch` ('gpt' or 'llama') with config args."""
-    if arch not in archs():
-        raise ValueError(f"unknown arch '{arch}'; choose one of {sorted(archs())}")
-    model_cls, config_cls = archs()[arch]
+    model_cls, config_cls = model_classes(arch)
     return model_cls(config_cls(**args))
 
 
@@ -332,70 +340,3 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
         raise CheckpointError(f"'{path}' does not fit this code's '{ckpt.get('arch')}' model "
                               f"({first_line(e)})") from None
     return model
-
-
-def load_model(path):
-    """(model, meta) for inference from a training checkpoint (.pt) or a packed .bitnet file
-    (export.py; known by its name or its first bytes), which runs with integer matmuls."""
-    from bitlinear.packed_file import MAGIC, PackedFileError, load_integer_model
-    path = Path(path)
-    packed = path.suffix == ".bitnet"
-    if not packed and path.is_file():
-        with open(path, "rb") as f:
-            packed = f.read(len(MAGIC)) == MAGIC
-    if packed:
-        if not path.is_file():
-            raise CheckpointError(f"no file at '{path}'; make one with python export.py")
-        try:
-            model, header = load_integer_model(path, build_model)
-        except PackedFileError as e:
-            raise CheckpointError(str(e)) from None
-        except (ValueError, TypeError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"'{path}' does not fit this code's models "
-                                  f"({type(e).__name__}: {first_line(e)})") from None
-        return model, header.get("meta")
-    if path.is_dir():  # a transformers folder of a LLaMA or BitNet model
-        from bitlinear import to_integer
-        from llama.hf_import import load_hf_model
-        model, args, meta = load_hf_model(path)
-        return (to_integer(model.eval()) if args["bitlinear"] else model.eval()), meta
-    ckpt = load_checkpoint(path)
-    return model_from_checkpoint(ckpt, path), ckpt.get("meta")
-
-
-def load_init_weights(path, arch):
-    """(model_args, state dict) for a run that starts from trained weights (--init_from=PATH):
-    a BitGPT checkpoint, a transformers folder (gpt/hf.py imports GPT-2, llama/hf.py LLaMA and
-    BitNet), or OpenAI's GPT-2 by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)."""
-    from gpt.hf import GPT2_NAMES, download_gpt2
-    from llama.hf_import import read_config
-    name = str(path)
-    if name in GPT2_NAMES and arch != "gpt":
-        raise CheckpointError(f"--init_from={name} is a GPT-2 model: use --arch=gpt")
-    path = download_gpt2(name) if name in GPT2_NAMES else Path(path)
-    if not path.is_dir():
-        ckpt = load_checkpoint(path, arch=arch)
-        return ckpt["model_args"], ckpt["model"]
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"'{path}' is a folder without config.json: not a transformers "
-                              f"model folder")
-    kind = read_config(path).get("model_type")
-    if kind == "gpt2":
-        if arch != "gpt":
-            raise CheckpointError(f"'{path}' holds a GPT-2 model (model_type 'gpt2'): use "
-                                  f"--arch=gpt")
-        from gpt.hf import load_gpt2
-        return load_gpt2(path)
-    if arch != "llama":
-        raise CheckpointError(
-            f"'{path}' is a transformers folder, which holds a LLaMA-architecture model: add "
-            f"--arch=llama" if kind in ("llama", "bitnet") else
-            f"'{path}' holds a {kind!r} model; BitGPT imports model_type 'gpt2' (--arch=gpt), "
-            f"'llama' or 'bitnet' (--arch=llama)")
-    try:
-        from llama.hf_import import load_hf
-        args, state, _ = load_hf(path)
-    except ImportError as e:
-        raise CheckpointError(f"importing '{path}' needs {e.name}: pip install -r "
-                              f"requirements-dev.txt") from None
-    return args, state

@@ -18,7 +18,8 @@ the trained one.
 
 --format=hf and --format=gguf (pip install -r requirements-dev.txt): see gpt/hf.py, llama/hf.py,
 gpt/gguf.py and llama/gguf.py for which model options map to which transformers class and
-llama.cpp architecture; the others are refused with a message that says why.
+llama.cpp architecture (bitlinear/hf.py and bitlinear/gguf.py for the folder and the file both
+write); the others are refused with a message that says why.
 """
 
 from dataclasses import asdict
@@ -39,6 +40,10 @@ from common import (
     model_from_checkpoint,
     run_cli,
 )
+from gpt.gguf import save_gguf as save_gpt_gguf
+from gpt.hf import save_hf as save_gpt_hf
+from llama.gguf import save_gguf as save_llama_gguf
+from llama.hf import save_hf as save_llama_hf
 
 SETTINGS = dict(
     out_dir=("out", "the run to export: out_dir/ckpt.pt"),
@@ -56,6 +61,10 @@ DEFAULTS = defaults(SETTINGS)
 
 
 FORMATS = {"packed": "model.bitnet", "hf": "hf", "gguf": "model.gguf"}
+# arch -> its writer: transformers' GPTBigCode (gpt/hf.py) or its Llama and BitNet (llama/hf.py);
+# llama.cpp's gpt2 (gpt/gguf.py) or its llama and bitnet (llama/gguf.py)
+SAVE_HF = {"gpt": save_gpt_hf, "llama": save_llama_hf}
+SAVE_GGUF = {"gpt": save_gpt_gguf, "llama": save_llama_gguf}
 
 
 def check(cfg):
@@ -132,10 +141,7 @@ def export(cfg):
 
 def export_hf(model, ckpt, dst, float_dtype):
     """Write the folder under a temporary name, then swap it in: never half a folder."""
-    if ckpt["arch"] == "gpt":  # as transformers' GPTBigCode (gpt/hf.py)
-        from gpt.hf import save_hf
-    else:  # as its Llama or BitNet (llama/hf.py)
-        from llama.hf import save_hf
+    save_hf = SAVE_HF[ckpt["arch"]]
     if dst.exists() and any(dst.iterdir()) and not (dst / "config.json").is_file():
         raise ConfigError(f"'{dst}' exists and is not an exported model folder; choose another "
                           f"--to")
@@ -150,10 +156,7 @@ def export_hf(model, ckpt, dst, float_dtype):
 
 
 def export_gguf(model, ckpt, dst, qtype, float_dtype, embed_int8):
-    if ckpt["arch"] == "gpt":  # llama.cpp's gpt2 (gpt/gguf.py)
-        from gpt.gguf import save_gguf
-    else:  # its llama or bitnet (llama/gguf.py)
-        from llama.gguf import save_gguf
+    save_gguf = SAVE_GGUF[ckpt["arch"]]
     info = save_gguf(model, asdict(model.config), ckpt.get("meta"), dst, qtype, float_dtype,
                      embed_int8)
     print(f"wrote {dst}: {dst.stat().st_size / 1e6:.2f} MB, llama.cpp architecture "

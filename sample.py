@@ -8,22 +8,25 @@
 A prompt longer than the model's context is cropped to its last block_size tokens.
 """
 
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from common import ConfigError, defaults, load_model, resolve_device, run_cli
+from common import (
+    ConfigError,
+    defaults,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_device,
+    run_cli,
+)
 from data.tokenizer import Tokenizer
 
-# compile='auto' compiles a packed LLaMA's decode step for runs of at least this many tokens x
-# n_layer x n_embd: ~4000 tokens of the 114M shape, ~24000 of a 4.7M one, where the time a compile
-# from an empty cache takes has paid for itself (RESULTS.md, Decode)
-COMPILE_WORK = 37_000_000
 SETTINGS = dict(
     out_dir=("out", "the run whose out_dir/ckpt.pt to sample from"),
-    ckpt=("", "a checkpoint (.pt) or packed model (.bitnet); empty: out_dir/ckpt.pt"),
+    ckpt=("", "a checkpoint (.pt), a packed model (.bitnet) or a transformers folder; empty: "
+              "out_dir/ckpt.pt"),
     start=("\n", "the prompt, or FILE:path to read it from a file"),
     num_samples=(3, "samples to draw"),
     max_new_tokens=(500, "tokens generated per sample"),
@@ -32,8 +35,7 @@ SETTINGS = dict(
     seed=(1337, "random seed"),
     device=("auto", "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'mps'"),
     dtype=("auto", "'auto', 'float32', 'bfloat16' or 'float16'"),
-    compile=("auto", "torch.compile a packed LLaMA's decode step ('auto': for runs long enough "
-                     "to pay for the compile, see COMPILE_WORK), else the model (True only)"),
+    compile=(False, "torch.compile the model"),
 )
 DEFAULTS = defaults(SETTINGS)
 
@@ -87,14 +89,12 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
-             use_cache=True, decoder=None):
+             use_cache=True):
     """Extend idx (B, T) by max_new_tokens sampled tokens.
 
     Once the text outgrows the context, the model sees only its last block_size tokens, as in
     nanoGPT; with the cache that means one fresh prefill of that window per token from there on,
-    so cached and uncached generation give exactly the same tokens. decoder: a
-    bitlinear.decode.Decoder of model, which runs the single-token steps (the same logits in
-    fewer passes); the model runs prefills.
+    so cached and uncached generation give exactly the same tokens.
     """
     block_size = model.config.block_size
     cache = None
@@ -105,25 +105,31 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
             if cache is not None:
                 cache.length = min(idx.size(1), block_size)
         else:
-            step = decoder or (lambda ids, c: model(ids, cache=c)[0])
-            logits = step(idx[:, -1:], cache)
+            logits, _ = model(idx[:, -1:], cache=cache)
             cache.length += 1
         idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator)
         idx = torch.cat((idx, idx_next), dim=1)
     return idx
 
 
-def make_decoder(model, compile, tokens, dtype="float32"):
-    """The Decoder that runs model's decode steps for a run of `tokens` new tokens (None where
-    it does not run this model, or under autocast): compiled for compile=True, and for 'auto'
-    where tokens x n_layer x n_embd reaches COMPILE_WORK and decode.compile_pays."""
-    from bitlinear import decode
-    if dtype != "float32" or not decode.supports(model):
-        return None
-    work = tokens * model.config.n_layer * model.config.n_embd
-    on = compile is True or (compile == "auto" and work >= COMPILE_WORK
-                             and decode.compile_pays(model))
-    return decode.Decoder(model, compile=on and decode.can_compile(model))
+def load_model(path):
+    """(model, meta) to sample from: a training checkpoint; or, each loaded by its extension, a
+    packed .bitnet file (export.py), which runs exact integer inference, or a transformers
+    folder of a LLaMA or BitNet model."""
+    path = Path(path)
+    if path.is_dir():  # seam: transformers folders
+        from llama.hf_import import inference_model
+        return inference_model(path)
+    if path.suffix == ".bitnet" or path.is_file() and first_bytes(path) == b"BITNET":
+        from bitlinear.packed_file import inference_model  # seam: packed files
+        return inference_model(path)
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt, path), ckpt.get("meta")
+
+
+def first_bytes(path, n=6):
+    with open(path, "rb") as f:
+        return f.read(n)
 
 
 def read_prompt(start):
@@ -144,8 +150,6 @@ def check(cfg):
         raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {cfg['temperature']}")
     if cfg["top_k"] < 0 or cfg["num_samples"] < 1:
         raise ConfigError("top_k must be >= 0 and num_samples >= 1")
-    if cfg["compile"] not in (True, False, "auto"):
-        raise ConfigError(f"compile must be True, False or auto, got {cfg['compile']!r}")
 
 
 def sample(cfg):
@@ -154,8 +158,7 @@ def sample(cfg):
     device, dtype = resolve_device(cfg["device"], cfg["dtype"])
     model, meta = load_model(cfg["ckpt"] or Path(cfg["out_dir"]) / "ckpt.pt")
     model, tok = model.eval().to(device), Tokenizer(meta)
-    decoder = make_decoder(model, cfg["compile"], cfg["num_samples"] * cfg["max_new_tokens"], dtype)
-    if cfg["compile"] is True and (decoder is None or decoder.compiled is None):
+    if cfg["compile"]:
         model = torch.compile(model)
     ids = tok.encode(read_prompt(cfg["start"]))
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
@@ -166,11 +169,8 @@ def sample(cfg):
     with ctx:
         for _ in range(cfg["num_samples"]):
             y = generate(model, x, cfg["max_new_tokens"], cfg["temperature"],
-                         cfg["top_k"] or None, generator, decoder=decoder)
+                         cfg["top_k"] or None, generator)
             texts.append(tok.decode(y[0].tolist()))
-    if decoder is not None and decoder.compile_seconds is not None:  # said, not hidden in the speed
-        print(f"note: the first decode step (torch.compile) took {decoder.compile_seconds:.1f} s",
-              file=sys.stderr)
     return texts
 
 

@@ -17,9 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .fast import SharedInput
-from .kernels import IntegerGemm, fbgemm_fp16_exact, fbgemm_linear, fbgemm_pack
-from .layer import EPS, BitLinear, activation_quant_int, ternarize
+from bitlinear.kernels import IntegerGemm, fbgemm_fp16_exact, fbgemm_linear, fbgemm_pack
+from bitlinear.layer import EPS, BitLinear, activation_quant_int, ternarize
 
 
 def quantize_tokens(x, eps):
@@ -39,7 +38,6 @@ class TernaryLinear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(()))  # s_w = 1 / mean|W|
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.norm = norm  # the BitLinear's inner RMSNorm, if it had one
-        self.shared_input = None  # a SharedInput when siblings read one input (to_integer)
         self.gemm = IntegerGemm(w_max=1)
 
     @classmethod
@@ -58,8 +56,7 @@ class TernaryLinear(nn.Module):
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
-        shared = self.shared_input
-        x_i, s_x = shared(x, self.eps) if shared is not None else quantize_tokens(x, self.eps)
+        x_i, s_x = quantize_tokens(x, self.eps)
         # integer sums / float32 is float32: the conversion and the rescale in one op
         y = torch.div(self.gemm(x_i, self.weight), s_x * self.weight_scale)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -74,23 +71,16 @@ class TernaryLinear(nn.Module):
 
 
 @torch.no_grad()
-def to_integer(model: nn.Module, quantize=True, groups=None) -> nn.Module:
+def to_integer(model: nn.Module, quantize=True) -> nn.Module:
     """Replace every BitLinear in model (in place) by its TernaryLinear; returns model.
 
-    Layers that share their input quantization in training (share_input) share it here too.
     quantize=False skips ternarizing, for a shell_model whose integer weights are loaded next.
     """
-    groups = {} if groups is None else groups  # a training SharedInput -> its int8 twin
     for name, child in model.named_children():
         if isinstance(child, BitLinear):
-            new = TernaryLinear.from_bitlinear(child, quantize)
-            shared = getattr(child, "shared_input", None)
-            if shared is not None:
-                new.shared_input = groups.setdefault(id(shared),
-                                                     SharedInput(quantize_tokens, shared.n))
-            setattr(model, name, new)
+            setattr(model, name, TernaryLinear.from_bitlinear(child, quantize))
         else:
-            to_integer(child, quantize, groups)
+            to_integer(child, quantize)
     return model
 
 
@@ -99,11 +89,10 @@ class Linear16(nn.Module):
 
     On x86 CPUs the weight goes to fbgemm's fp16 GEMM (torch.ops.quantized.linear_dynamic_fp16):
     it keeps the weights in fp16, widens them to fp32 in registers and accumulates in fp32, so the
-    result is x @ W^T with exactly the stored values, in half the bytes of a float32 head, and
-    faster than a float32 GEMV (RESULTS.md, Kernels). A bf16 weight takes that
-    path when all its values are fp16 numbers too (usual for trained weights); elsewhere, and on
-    other devices, the weight is widened to float32 once and F.linear runs (the same values, in
-    another summation order).
+    result is x @ W^T with exactly the stored values, in half the bytes of a float32 head. A bf16
+    weight takes that path when all its values are fp16 numbers too (usual for trained weights);
+    elsewhere, and on other devices, the weight is widened to float32 once and F.linear runs
+    (the same values, in another summation order).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -252,9 +241,9 @@ def shell_model(build, values=math.inf, tensors=math.inf):
     loaded next (load_state_dict(assign=True)): untouched pages are not resident memory, so
     building a 124M GPT-2 costs nothing, and the shell's tensors are freed at the assign.
     Everything else (shapes, ties, RoPE tables and other computed buffers) is built as usual.
-    (The meta device would do the same, but its first use imports ~800 modules.) A build that
-    would make more than `tensors` tensors or `values` values stops with BuildTooLarge: a model
-    that a file describes costs at most what the file holds."""
+    (The meta device would do the same, but its first use imports a large part of torch.) A
+    build that would make more than `tensors` tensors or `values` values stops with
+    BuildTooLarge: a model that a file describes costs at most what the file holds."""
     with _SkipInit(values, tensors):
         return build()
 

@@ -1,6 +1,6 @@
 """How the integer sums of bitlinear/inference.py run fast: torch._int_mm, and on x86 CPUs
 without VNNI (where _int_mm has no fast kernel) fbgemm's fp16-weight GEMM, which gives the same
-integers. Measurements in RESULTS.md (Deployment)."""
+integers."""
 
 import torch
 
@@ -9,7 +9,7 @@ def int_matmul(x_i: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(M, K) int8 @ (N, K)^T int8 -> (M, N) int32, with torch._int_mm where the device has it.
 
     weight is (out, in) as nn.Linear keeps it: on CPU _int_mm reads this transposed layout
-    faster at M=1 than an (in, out) copy (RESULTS.md, Kernels). The fallback multiplies in
+    faster at M=1 than an (in, out) copy. The fallback multiplies in
     float32, which is exact here: |sum| <= 128 * K < 2**24 for any K below 131072.
     """
     if x_i.device.type in ("cpu", "cuda"):
@@ -22,7 +22,7 @@ def int_matmul(x_i: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _cpu_kernel():
     """torch._int_mm is fast on CPUs with VNNI (oneDNN's int8 GEMM); on CPUs without it, fbgemm's
-    fp16 GEMM is several times faster (RESULTS.md, Kernels), so there the sums go through it."""
+    fp16 GEMM is faster, so there the sums go through it."""
     vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: True)()
     return "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines and not vnni \
         else "int_mm"
@@ -70,15 +70,15 @@ def fbgemm_fp16_exact(weight: torch.Tensor) -> bool:
     return all(torch.equal(w.half().float(), w.float()) for w in weight.split(4096))
 
 
-# fbgemm packs a block of the head from a float32 copy; blocks of ~48 MB as float32 keep that
-# copy out of the heap (glibc mmaps anything above 32 MB and unmaps it when freed), where the
-# copies of smaller blocks would stay as holes between the packed blocks (RESULTS.md, Kernels)
+# fbgemm packs a block of the head from a float32 copy; blocks above glibc's mmap threshold keep
+# that copy out of the heap (it is unmapped when freed), where the copies of smaller blocks
+# would stay as holes between the packed blocks
 PACK_BYTES = 48 << 20
 
 
 def fbgemm_pack(weight: torch.Tensor) -> list:
-    """fbgemm's packed fp16 form of weight (values exact in fp16), in row blocks: packing a
-    whole GPT-2 head at once peaks at 250 MB of temporaries."""
+    """fbgemm's packed fp16 form of weight (values exact in fp16), in row blocks, so that the
+    temporaries stay small however large the head."""
     rows = max(1, PACK_BYTES // (4 * weight.size(1)))
     return [torch.ops.quantized.linear_prepack_fp16(w.float(), None) for w in weight.split(rows)]
 

@@ -11,9 +11,9 @@ values. A quantization warm-up (set_quantization) blends the quantizers in over 
 x + lam (x_q - x) and W + lam (W_q - W) with lam rising from 0 (float) to 1 (BitLinear exactly),
 so that a float model converts without losing what it knows.
 
-bitlinear/fast.py computes exactly this (tested bit for bit) with fewer passes; the models train
-with it. The integer forms (ternarize, activation_quant_int) give the values and the
-scales separately: packing and integer inference (bitlinear/inference.py) use them.
+The models build this layer (bitlinear=False builds nn.Linear in its place). The integer forms
+(ternarize, activation_quant_int) give the values and the scales separately: packing and exact
+integer inference (bitlinear/inference.py) use them.
 """
 
 import torch
@@ -114,7 +114,6 @@ class BitLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.eps = eps
         self.norm = RMSNorm(in_features) if norm else None
-        self.shared_input = None  # set by share_input (bitlinear/fast.py) for sibling layers
         self.lam = None  # the quantization warm-up's strength, a 0-d tensor (set_quantization)
 
     def forward(self, x):
@@ -127,3 +126,10 @@ class BitLinear(nn.Linear):
 
     def extra_repr(self):
         return super().extra_repr() + f", norm={self.norm is not None}"
+
+
+def make_linear(in_features, out_features, bias=False, bitlinear=True, norm=False):
+    """The one switch between a ternary model and its float twin: BitLinear, or nn.Linear."""
+    if bitlinear:
+        return BitLinear(in_features, out_features, bias=bias, norm=norm)
+    return nn.Linear(in_features, out_features, bias=bias)

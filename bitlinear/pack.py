@@ -20,7 +20,8 @@ _POW3_U8 = _POW3.to(torch.uint8)
 def _codes(t: torch.Tensor, group: int) -> torch.Tensor:
     """Ternary int8 -> codes (value + 1), flattened and padded to a multiple of group."""
     if t.dtype != torch.int8 or (t.numel() and (t.min() < -1 or t.max() > 1)):
-        raise ValueError("pack expects an int8 tensor of -1, 0, +1 (see bitlinear.ternarize)")
+        raise ValueError("pack expects an int8 tensor of -1, 0, +1 "
+                         "(see bitlinear.layer.ternarize)")
     codes = (t.reshape(-1).to(torch.int32) + 1)
     pad = -codes.numel() % group
     return torch.cat([codes, codes.new_ones(pad)]).view(-1, group)

@@ -47,17 +47,16 @@ from pathlib import Path
 
 import torch
 
-from common import atomic_path
-
-from .inference import (
+from bitlinear.inference import (
     BuildTooLarge,
     TernaryLinear,
     load_integer_state,
     shell_model,
     to_integer,
 )
-from .layer import BitLinear, activation_quant_int, ternarize
-from .pack import pack_2bit, pack_base3, unpack_2bit, unpack_base3
+from bitlinear.layer import BitLinear, activation_quant_int, ternarize
+from bitlinear.pack import pack_2bit, pack_base3, unpack_2bit, unpack_base3
+from common import ARCHS, CheckpointError, atomic_path, build_model, first_line, model_classes
 
 MAGIC = b"BITNET\x00\x01"
 FORMAT_VERSION = 3
@@ -200,13 +199,17 @@ def _read_header(f, path, size):
     return header, 20 + n
 
 
+def _bad_header(path, what):
+    return PackedFileError(f"'{path}' is corrupt (bad header): {what}")
+
+
 def _check_header(header, path, data_size):
     """Refuse (one line) a header whose fields have the wrong types, or whose tensor table
     does not fit data_size bytes of data: every entry's offset and byte count must lie inside
     the data, 64-byte aligned, not overlapping another, and nbytes must be what its kind and
-    shape take. Aliases must name stored tensors."""
+    shape take (_check_entry). Aliases must name stored tensors."""
     def bad(what):
-        return PackedFileError(f"'{path}' is corrupt (bad header): {what}")
+        return _bad_header(path, what)
 
     if not isinstance(header, dict):
         raise bad(f"a JSON {type(header).__name__}, not an object")
@@ -221,35 +224,10 @@ def _check_header(header, path, data_size):
         raise bad("tensors is not a list or aliases is not an object")
     names = set()
     for i, e in enumerate(tensors):
-        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
-            raise bad(f"tensor entry {i} has no name")
-        name, kind, shape = e["name"], e.get("kind"), e.get("shape")
-        if name in names:
-            raise bad(f"tensor {name} appears twice")
-        names.add(name)
-        if kind not in KINDS:
-            raise bad(f"tensor {name} has kind {kind!r}, not one of {', '.join(KINDS)}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise bad(f"tensor {name} has shape {shape!r}, not a list of sizes")
-        if (kind in PACKERS or kind == "int8") and len(shape) != 2:
-            raise PackedFileError(f"'{path}' is corrupt: tensor {name} does not match its header "
-                                  f"entry ({kind} {shape} is not (rows, columns))")
-        for key in ("offset", "nbytes"):
-            if not _is_int(e.get(key)) or e[key] < 0:
-                raise bad(f"tensor {name} has {key} {e.get(key)!r}, not a byte count")
-        if e["offset"] % ALIGN:
-            raise bad(f"tensor {name} has offset {e['offset']}, not a multiple of {ALIGN}")
-        need = entry_nbytes(kind, shape)
-        if e["nbytes"] != need:
-            raise PackedFileError(f"'{path}' is corrupt: tensor {name} does not match its header "
-                                  f"entry ({kind} {shape} takes {need} bytes, the entry says "
-                                  f"{e['nbytes']})")
-        scale = e.get("scale")
-        if (kind in PACKERS) != ("scale" in e):
-            raise bad(f"{kind} tensor {name} {'lacks' if kind in PACKERS else 'has'} a scale")
-        if "scale" in e and not (type(scale) in (int, float) and math.isfinite(scale)
-                                 and scale > 0):
-            raise bad(f"tensor {name} has scale {scale!r}, not a positive number")
+        _check_entry(e, i, path)
+        if e["name"] in names:
+            raise bad(f"tensor {e['name']} appears twice")
+        names.add(e["name"])
     ends = [e["offset"] + e["nbytes"] for e in tensors]
     if ends and max(ends) > data_size:
         raise PackedFileError(f"'{path}' is truncated: its data ends {max(ends) - data_size} "
@@ -263,6 +241,38 @@ def _check_header(header, path, data_size):
     for name, target in aliases.items():
         if not isinstance(target, str) or target not in names or name in names:
             raise bad(f"alias {name} -> {target!r} does not name a stored tensor")
+
+
+def _check_entry(e, i, path):
+    """Refuse (one line) tensor entry i unless its name, kind, shape, offset, nbytes and scale
+    have their types, and nbytes is what its kind and shape take."""
+    if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
+        raise _bad_header(path, f"tensor entry {i} has no name")
+    name, kind, shape = e["name"], e.get("kind"), e.get("shape")
+    if kind not in KINDS:
+        raise _bad_header(path, f"tensor {name} has kind {kind!r}, not one of {', '.join(KINDS)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _bad_header(path, f"tensor {name} has shape {shape!r}, not a list of sizes")
+    if (kind in PACKERS or kind == "int8") and len(shape) != 2:
+        raise PackedFileError(f"'{path}' is corrupt: tensor {name} does not match its header "
+                              f"entry ({kind} {shape} is not (rows, columns))")
+    for key in ("offset", "nbytes"):
+        if not _is_int(e.get(key)) or e[key] < 0:
+            raise _bad_header(path, f"tensor {name} has {key} {e.get(key)!r}, not a byte count")
+    if e["offset"] % ALIGN:
+        raise _bad_header(path, f"tensor {name} has offset {e['offset']}, not a multiple of "
+                                f"{ALIGN}")
+    need = entry_nbytes(kind, shape)
+    if e["nbytes"] != need:
+        raise PackedFileError(f"'{path}' is corrupt: tensor {name} does not match its header "
+                              f"entry ({kind} {shape} takes {need} bytes, the entry says "
+                              f"{e['nbytes']})")
+    scale = e.get("scale")
+    if (kind in PACKERS) != ("scale" in e):
+        raise _bad_header(path, f"{kind} tensor {name} "
+                                f"{'lacks' if kind in PACKERS else 'has'} a scale")
+    if "scale" in e and not (type(scale) in (int, float) and math.isfinite(scale) and scale > 0):
+        raise _bad_header(path, f"tensor {name} has scale {scale!r}, not a positive number")
 
 
 def _tensor(e, buf):
@@ -311,11 +321,10 @@ def load_packed(path, check=None):
 def _check_args(arch, args, path):
     """Refuse model_args whose arch this code does not build, or whose values are not of the
     types of the arch's config (sizes: positive ints, or 0 where 0 is the default)."""
-    from common import archs
-    if arch not in archs():
+    if arch not in ARCHS:
         raise PackedFileError(f"'{path}' holds a '{arch}' model; this code builds "
-                              f"{', '.join(sorted(archs()))}")
-    fields = {f.name: f.default for f in dataclasses.fields(archs()[arch][1])}
+                              f"{', '.join(sorted(ARCHS))}")
+    fields = {f.name: f.default for f in dataclasses.fields(model_classes(arch)[1])}
     for key, value in args.items():
         if key not in fields:
             raise PackedFileError(f"'{path}' has model_args key '{key}', which this code's "
@@ -354,18 +363,17 @@ def _file_tensors(header):
     return table
 
 
-def shell_for(header, build, path):
+def shell_for(header, path):
     """The integer model's shell (shell_model) that a header's model_args describe, refused in
     one line (PackedFileError) unless it fits the tensors the file holds: the build stops as
     soon as it makes more than the file's tensors allow (a small file claiming a huge model
     costs nothing), and the shell's names, shapes and kinds must be the header's table."""
-    from common import first_line
     arch, args = header["arch"], header["model_args"]
     _check_args(arch, args, path)
     table = _file_tensors(header)
     values = sum(math.prod(shape) for shape, _ in table.values())
     try:  # the build makes each tensor about twice (BitLinear, then TernaryLinear), and RoPE
-        model = shell_model(lambda: to_integer(build(arch, args), quantize=False),
+        model = shell_model(lambda: to_integer(build_model(arch, args), quantize=False),
                             values=3 * values + 2**24, tensors=8 * len(table) + 256)
     except BuildTooLarge:
         raise PackedFileError(f"'{path}' is corrupt: its model_args describe a {arch} model "
@@ -412,8 +420,8 @@ def shell_for(header, build, path):
     return model
 
 
-def load_integer_model(path, build):
-    """(the integer model, header) of a .bitnet file; build(arch, model_args) makes the model.
+def load_integer_model(path):
+    """(the integer model, header) of a .bitnet file.
 
     The header is checked first, against the file and against the model its model_args
     describe (shell_for), before any tensor is read. The model is then built as a shell
@@ -421,5 +429,21 @@ def load_integer_model(path, build):
     weights is ever made, so memory is what the integer model holds.
     """
     shell = []
-    header, state = load_packed(path, check=lambda h: shell.append(shell_for(h, build, path)))
+    header, state = load_packed(path, check=lambda h: shell.append(shell_for(h, path)))
     return load_integer_state(shell[0], state), header
+
+
+def inference_model(path):
+    """(the integer model, meta) of a .bitnet file, for sample.py; any file this code cannot
+    run is refused in one line (CheckpointError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no file at '{path}'; make one with python export.py")
+    try:
+        model, header = load_integer_model(path)
+    except PackedFileError as e:
+        raise CheckpointError(str(e)) from None
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"'{path}' does not fit this code's models "
+                              f"({type(e).__name__}: {first_line(e)})") from None
+    return model, header.get("meta")

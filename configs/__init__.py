@@ -6,7 +6,7 @@ these keys (python train.py --list_configs)."""
 import math
 from pathlib import Path
 
-from common import ConfigError, defaults, resolve_device
+from common import GPT2_NAMES, ConfigError, defaults, resolve_device
 
 SETTINGS = dict(
     # I/O
@@ -107,7 +107,6 @@ def resolve(cfg):
                          ("wd_schedule", ("constant", "two_stage")), ("mlp", ("swiglu", "relu2"))):
         if cfg[key] not in choices:
             raise ConfigError(f"{key} '{cfg[key]}' is not one of {', '.join(choices)}")
-    from gpt.hf import GPT2_NAMES  # OpenAI's, downloaded (once) when the run starts
     if cfg["init_from"] not in ("scratch", "resume", *GPT2_NAMES):
         source = Path(cfg["init_from"])
         if not source.exists():

@@ -1,26 +1,23 @@
 """Batches for training: random windows of a prepared dataset's train.bin / val.bin; and
-read_meta, the one reader of a dataset's meta (meta.json, or an old meta.pkl as plain values)."""
+read_meta, the one reader of a dataset's meta.json."""
 
 import functools
 import importlib
-import io
 import json
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import ConfigError
-
-from .common import GPT2_VOCAB_SIZE, META, OLD_META, DataError
-from .tokenizer import gpt2_encoding, tokenizer_kind
+from common import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
-
+META = "meta.json"  # the tokenizer facts of a dataset folder, as JSON (no code can hide in it)
+OLD_META = "meta.pkl"  # what folders prepared before meta.json hold: the same dict, pickled
+# GPT-2 has 50257 tokens; models get 50304, the next multiple of 64, as in nanoGPT (faster matmuls)
+GPT2_VOCAB_SIZE = 50304
 AUTO_PREPARE = ("shakespeare_char", "shakespeare")  # small enough to prepare on the fly
-PLAIN = (dict, list, tuple, str, int, float, bool, type(None))  # what an old meta.pkl may hold
 
 
 def prepare_command(folder):
@@ -34,25 +31,6 @@ def prepare_command(folder):
     return f"python -m data.text.prepare --input=YOUR_TEXT --name={name}{out}"
 
 
-class _Refused(pickle.UnpicklingError):
-    """A pickle that names a global (a class or a function): unpickling it could run code."""
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Unpickles plain values only: every global (class, function) is refused, so no code runs."""
-
-    def find_class(self, module, name):
-        raise _Refused(f"it names {module}.{name}")
-
-
-def _is_plain(value):
-    if isinstance(value, dict):
-        return all(_is_plain(k) and _is_plain(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    return type(value) in PLAIN
-
-
 def meta_path(folder):
     """folder's meta.json, else its old meta.pkl, else None."""
     for name in (META, OLD_META):
@@ -64,8 +42,7 @@ def meta_path(folder):
 def read_meta(folder):
     """The dict a prepare script wrote for dataset folder `folder` ({'vocab_size', 'tokenizer',
     'dtype', ...}), or None when it has none. meta.json is read as JSON (itos' keys back to
-    ints); a meta.pkl (folders prepared before meta.json) only when it holds nothing but plain
-    values: anything else could run code when unpickled, and is refused with one line."""
+    ints); an old meta.pkl only as plain values (data.common.read_old_meta)."""
     path = meta_path(folder)
     again = f"prepare the dataset again ({prepare_command(folder)}) to write {META}"
     if path is None:
@@ -76,18 +53,9 @@ def read_meta(folder):
         except (ValueError, UnicodeDecodeError) as e:
             raise DataError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {again}"
                             ) from None
-    else:
-        try:
-            meta = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
-        except _Refused as e:
-            raise DataError(f"{path} holds objects, not just plain values ({e}); refused, as "
-                            f"unpickling it could run code: {again}") from None
-        except Exception as e:  # a truncated or corrupt pickle raises many types
-            raise DataError(f"{path} is not a readable meta.pkl ({type(e).__name__}); {again}"
-                            ) from None
-        if not _is_plain(meta):
-            raise DataError(f"{path} holds values other than dicts, lists, strings and numbers; "
-                            f"refused: {again}")
+    else:  # seam: a folder prepared before meta.json
+        from data.common import read_old_meta
+        meta = read_old_meta(path, again)
     if not isinstance(meta, dict):
         raise DataError(f"{path} holds a {type(meta).__name__}, not a dict; {again}")
     if isinstance(meta.get("itos"), dict):
@@ -105,6 +73,7 @@ class Data:
         self.block_size, self.batch_size, self.device = cfg["block_size"], cfg["batch_size"], device
         self.ensure_prepared(cfg)
         self.meta = read_meta(self.folder)
+        self.vocab_size = self.meta["vocab_size"] if self.meta else GPT2_VOCAB_SIZE
         self.note = None
         if self.meta is None:
             self.note = (f"note: {self.folder} has no {META}; assuming GPT-2 BPE, "
@@ -149,16 +118,8 @@ class Data:
     def val_bytes_per_token(self):
         """UTF-8 bytes of text per token of val.bin, to turn nats per token into bits per byte
         (which compares models across tokenizers); None when the tokenizer is unknown."""
-        meta, tokenizer = self.meta or {}, tokenizer_kind(self.meta)
-        if tokenizer == "char":
-            lengths = np.zeros(meta["vocab_size"], dtype=np.int64)
-            for i, ch in meta["itos"].items():
-                lengths[int(i)] = len(ch.encode("utf-8"))
-        elif tokenizer == "gpt2":
-            enc = gpt2_encoding()  # <|endoftext|> separates texts: 0 bytes
-            lengths = np.array([len(enc.decode_single_token_bytes(i)) if i < enc.eot_token
-                                else 0 for i in range(enc.n_vocab)], dtype=np.int64)
-        else:
+        lengths = self.token_bytes()
+        if lengths is None:
             return None
         counts, n = np.zeros(len(lengths), dtype=np.int64), 0
         with self.open_split("val") as f:  # in chunks: val.bin may be large
@@ -169,6 +130,15 @@ class Data:
         if n != self.tokens["val"]:
             raise self.changed("val", n)
         return float(counts @ lengths) / n
+
+    def token_bytes(self):
+        """UTF-8 bytes of each token id's text: characters' from meta, a BPE's from its tokenizer
+        (None for a tokenizer.json, whose pieces need not be whole characters)."""
+        itos = (self.meta or {}).get("itos")
+        if itos is not None:  # one token per character
+            return np.array([len(itos[i].encode("utf-8")) for i in range(len(itos))])
+        from data.tokenizer import Tokenizer  # seam: a BPE dataset's token texts
+        return Tokenizer(self.meta).token_bytes()
 
     def changed(self, split, now):
         """The DataError of a split whose file changed under the run (now: its tokens, or None

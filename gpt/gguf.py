@@ -1,22 +1,21 @@
-"""Our GPT as llama.cpp's 'gpt2' architecture in a GGUF file (the file and its tokenizer:
-llama/gguf.py).
+"""Our GPT as llama.cpp's 'gpt2' architecture in a GGUF file (the file, its tensor types and its
+tokenizer: bitlinear/gguf.py).
 
     python export.py --out_dir=out --format=gguf --to=out/model.gguf [--qtype=tq1_0|q4_0]
 
 llama.cpp's gpt2 graph is ours: learned positions, LayerNorm with bias, one fused q|k|v matrix,
 GELU MLP (4 n_embd), a tied head. It requires every bias, so a bias=False model gets zero ones.
 Ternary projections are TQ2_0 or TQ1_0 blocks of 256 weights, or Q4_0 blocks of 32 (the default
-GPT's width, 128, fills no block of 256) (bitlinear/pack.py); a block never spans two rows.
+GPT's width, 128, fills no block of 256).
 
 The scale. mean|W| = 1/s_w goes into every block's own scale d, an fp16: the one rounding of
 this route (relative error below 2^-11, the same for every row). The LLaMA export's F32
-'<name>.scale' tensor does not work here: llama.cpp 0.3.36 loads one for every gpt2 projection
-but its gpt2 graph applies only attn_qkv's and attn_output's and drops ffn_up's and ffn_down's
-(measured on a trained GPT: logits off by up to 2.7, top-1 78%); builds before its generic
-scale loading refuse tensors they do not expect. No exact route exists for ffn_down in this
-graph (GELU before it, the residual after); folding attn_qkv's and ffn_up's scales exactly into
-the LayerNorm gains before them (our int8 activations do not see a common factor) measured no
-closer to our logits than the fp16 d (RESULTS.md), so every projection takes the one route.
+'<name>.scale' tensor does not work here: llama.cpp loads one for every gpt2 projection, but its
+gpt2 graph applies only attn_qkv's and attn_output's and drops ffn_up's and ffn_down's, and
+builds before its generic scale loading refuse tensors they do not expect. ffn_down has no exact
+route in this graph (GELU before it, the residual after), and folding attn_qkv's and ffn_up's
+scales into the LayerNorm gains before them (our int8 activations do not see a common factor)
+comes no closer to our logits than the fp16 d, so every projection takes the one route.
 
 What differs from our forward, besides that: llama.cpp's GELU is the tanh approximation
 (computed through an fp16 table), ours the exact erf form unless gelu_approximate='tanh' (GPT-2
@@ -29,8 +28,9 @@ block_size (our sample.py slides its window instead).
 
 import torch
 
-from bitlinear import ternarize
-from llama.gguf import ExportError, Tensors, add_tokenizer, check_rows, gguf_file
+from bitlinear.gguf import Tensors, add_tokenizer, check_rows, gguf_file
+from bitlinear.hf import ExportError
+from bitlinear.layer import ternarize
 
 LAYER = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
          "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}

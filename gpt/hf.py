@@ -16,7 +16,7 @@ swaps nn.Linear only), so a ternary GPT-2 folder would load float. GPTBigCodeFor
 multi_query=False is the same network built from nn.Linear: learned positions, LayerNorm, GELU,
 tied head. Its c_attn rows are grouped per head (q, k, v of head 0, then of head 1, ...) where ours
 are (all q, all k, all v), a permutation of rows that keeps every ternary value and the scale.
-Ternary models carry the bitnet quantization config as llama/hf.py writes it.
+Ternary models carry the bitnet quantization config (bitlinear/hf.py).
 """
 
 import re
@@ -25,13 +25,21 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from bitlinear import ternarize
-from bitlinear.pack import pack_2bit_rows
+from bitlinear.hf import (
+    FLOAT_DTYPES,
+    HF_DTYPES,
+    ExportError,
+    bitnet_quantization,
+    put_ternary,
+    read_config,
+    read_tensor,
+    safetensors_table,
+    write_folder,
+)
+from bitlinear.layer import ternarize
 from common import CheckpointError, first_line
-from llama.hf import HF_DTYPES, ExportError, write_folder
+from data.tokenizer import tokenizer_kind
 
-GPT2_NAMES = {name: f"openai-community/{name}"
-              for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # HF name -> ours
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # GPT2Config's defaults, which transformers applies to a config.json that omits them
@@ -47,7 +55,7 @@ def download_gpt2(name):
     except ImportError:
         raise CheckpointError(f"--init_from={name} downloads through transformers: pip install "
                               f"-r requirements-dev.txt") from None
-    repo = GPT2_NAMES[name]
+    repo = f"openai-community/{name}"
     try:
         return Path(snapshot_download(repo, allow_patterns=["config.json", "*.safetensors",
                                                             "*.safetensors.index.json"]))
@@ -105,7 +113,6 @@ def load_gpt2(folder):
     writes (names under 'transformer.') or the hub's files (GPT2Model's names, with the causal
     mask buffers h.N.attn.bias, which are not weights). Every tensor our GPT needs is checked
     against the safetensors headers, name, shape and dtype, before any is read."""
-    from llama.hf_import import FLOAT_DTYPES, read_config, read_tensor, safetensors_table
     folder = Path(folder)
     args = args_from_config(read_config(folder), folder)
     table = safetensors_table(folder)
@@ -149,7 +156,6 @@ def check_exportable(args):
 
 def hf_config(args, meta, dtype):
     """config.json of the GPTBigCode model that computes our GPT built from args."""
-    from data.tokenizer import tokenizer_kind
     eot = 50256 if tokenizer_kind(meta) == "gpt2" else None
     config = {
         "architectures": ["GPTBigCodeForCausalLM"], "model_type": "gpt_bigcode",
@@ -164,10 +170,7 @@ def hf_config(args, meta, dtype):
         "dtype": str(dtype).removeprefix("torch."),
     }
     if args.get("bitlinear", True):
-        config["quantization_config"] = {
-            "quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
-            "use_rms_norm": args.get("bit_norm", False), "rms_norm_eps": 1e-6,
-            "modules_to_not_convert": ["lm_head"]}
+        config["quantization_config"] = bitnet_quantization(args)
     return config
 
 
@@ -192,8 +195,7 @@ def hf_state(model, args, dtype):
                 else (lambda t: t)
             if args.get("bitlinear", True):
                 t, s = ternarize(m.weight)
-                out[f"{name}.weight"] = pack_2bit_rows(fix(t))
-                out[f"{name}.weight_scale"] = s.reshape(1).to(dtype)  # (1,): 0-d will not load
+                put_ternary(out, f"{name}.weight", fix(t), s, dtype)
                 if getattr(m, "norm", None) is not None:  # bit_norm's RMSNorm
                     out[f"{name}.rms_norm.weight"] = m.norm.weight.to(dtype)
             else:
@@ -210,7 +212,7 @@ def hf_state(model, args, dtype):
 
 
 def save_hf(model, args, meta, folder, float_dtype="fp32"):
-    """Write the folder (llama/hf.py's write_folder) of a GPTBigCodeForCausalLM."""
+    """Write the folder (bitlinear/hf.py's write_folder) of a GPTBigCodeForCausalLM."""
     check_exportable(args)
     dtype = HF_DTYPES[float_dtype]
     config = hf_config(args, meta, dtype)

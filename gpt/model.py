@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitlinear import make_linear
+from bitlinear.layer import make_linear
 
 
 @dataclass

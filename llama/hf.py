@@ -1,5 +1,6 @@
-"""A LLaMA-architecture BitGPT model as a HuggingFace transformers folder (and back: the import,
-train.py --init_from=FOLDER, is llama/hf_import.py).
+"""A LLaMA-architecture BitGPT model as a HuggingFace transformers folder (the folder itself, its
+ternary packing and its tokenizer: bitlinear/hf.py; the import, train.py --init_from=FOLDER:
+llama/hf_import.py).
 
     python export.py --out_dir=out --format=hf --to=out/hf
     python -c "from transformers import pipeline; print(pipeline('text-generation', 'out/hf')('A'))"
@@ -9,26 +10,23 @@ Which transformers class runs our forward exactly:
                  before o_proj and down_proj)
     subln=False  LlamaForCausalLM
     mlp          'swiglu' -> hidden_act 'silu', 'relu2' -> hidden_act 'relu2' (both gated)
-Ternary models carry transformers' bitnet quantization config (linear_class 'bitlinear', offline):
-the seven projections are uint8 (out/4, in), value + 1 in 2 bits, row i*R + r in packed row r at
-bits 2i..2i+1 (R = out/4), each with weight_scale = 1/mean|W|, the s_w that our BitLinear divides
-by (the 'autobitlinear' class multiplies by mean|W| instead). Its activations are per-token absmax
-int8 like ours. bit_norm=True maps to the config's use_rms_norm. Float models (bitlinear=False)
-are plain checkpoints of the same class. Loading a ternary folder needs `pip install accelerate`.
-The tokenizer goes beside it as tokenizer.json: characters and GPT-2 BPE rebuilt from the meta,
-any other tokenizer (meta kind 'hf') as the very file it was prepared with.
+Ternary models carry the bitnet quantization config, which packs the seven projections.
 """
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from bitlinear import ternarize
-from bitlinear.pack import pack_2bit_rows
-from common import UserError
-from data.tokenizer import GPT2_EOT, Tokenizer, char_tokens, gpt2_vocab, tokenizer_kind
+from bitlinear.hf import (
+    HF_DTYPES,
+    ExportError,
+    bitnet_quantization,
+    put_ternary,
+    write_folder,
+)
+from bitlinear.layer import ternarize
+from data.tokenizer import Tokenizer, tokenizer_kind
 
 # our state-dict names -> transformers', inside model.layers.N.
 LAYER_NAMES = {
@@ -41,11 +39,6 @@ LAYER_NAMES = {
 }
 TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ExportError(UserError):
-    """A model or option a target format cannot represent; the message says which and why."""
 
 
 def hf_key(key):
@@ -89,10 +82,7 @@ def hf_config(args, meta, dtype):
         "dtype": str(dtype).removeprefix("torch."),
     }
     if ternary:
-        config["quantization_config"] = {
-            "quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
-            "use_rms_norm": args.get("bit_norm", False), "rms_norm_eps": 1e-6,
-            "modules_to_not_convert": ["lm_head"]}
+        config["quantization_config"] = bitnet_quantization(args)
     return config
 
 
@@ -107,17 +97,10 @@ def hf_state(model, args, dtype):
             continue  # tied: transformers keeps only embed_tokens
         name = hf_key(key)
         if ternary and key.rsplit(".", 2)[-2] in LINEARS:
-            t, s = ternarize(w)
-            out[name] = pack_2bit_rows(t)
-            out[name + "_scale"] = s.reshape(1).to(dtype)  # (1,): transformers refuses a 0-d
+            put_ternary(out, name, *ternarize(w), dtype)
         else:
             out[name] = w.to(dtype)
     return {k: v.contiguous() for k, v in out.items()}
-
-
-def generation_config(config):
-    return {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-            "do_sample": True, "temperature": 0.8, "top_k": 200}
 
 
 def eot_id(meta):
@@ -126,55 +109,9 @@ def eot_id(meta):
     return 50256 if kind == "gpt2" else Tokenizer(meta).eot_id if kind == "hf" else None
 
 
-def tokenizer_files(meta, block_size):
-    """{filename: json object or text}: tokenizer.json (rebuilt for GPT-2 BPE or characters, the
-    prepared file itself for any other) and the tokenizer_config.json that makes it
-    transformers' PreTrainedTokenizerFast."""
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
-              "clean_up_tokenization_spaces": False}
-    if tokenizer_kind(meta) == "hf":  # its end-of-text token is the one transformers stops at
-        eos = {"eos_token": meta["eot_token"]} if meta.get("eot_token") else {}
-        return {"tokenizer.json": meta["tokenizer_json"], "tokenizer_config.json": config | eos}
-    added = []
-    if tokenizer_kind(meta) == "gpt2":
-        tokens, merges = gpt2_vocab()
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                      "use_regex": True}
-        model = {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)},
-                 "merges": [m.split(" ") for m in merges], "dropout": None, "unk_token": None,
-                 "fuse_unk": False, "byte_fallback": False, "ignore_merges": False}
-        added = [{"id": tokens.index(GPT2_EOT), "content": GPT2_EOT, "single_word": False,
-                  "lstrip": False, "rstrip": False, "normalized": False, "special": True}]
-        pre, post, decoder = byte_level, byte_level, byte_level
-        special = {"bos_token": GPT2_EOT, "eos_token": GPT2_EOT, "unk_token": GPT2_EOT}
-    else:  # one token per character: a BPE without merges, and pieces joined as they are
-        model = {"type": "BPE", "vocab": {t: i for i, t in enumerate(char_tokens(meta))},
-                 "merges": [], "dropout": None, "unk_token": None, "fuse_unk": False,
-                 "byte_fallback": False, "ignore_merges": False}
-        pre, post, decoder, special = None, None, {"type": "Fuse"}, {}
-    tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-                 "normalizer": None, "pre_tokenizer": pre, "post_processor": post,
-                 "decoder": decoder, "model": model}
-    return {"tokenizer.json": tokenizer, "tokenizer_config.json": config | special}
-
-
-def write_folder(folder, config, meta, block_size, state):
-    """config.json, generation_config.json, the tokenizer's files and model.safetensors."""
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise ExportError("--format=hf writes safetensors: pip install safetensors") from None
-    files = {"config.json": config,
-             "generation_config.json": generation_config(config),
-             **tokenizer_files(meta, block_size)}
-    for name, obj in files.items():
-        text = obj if isinstance(obj, str) else json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
-        (folder / name).write_text(text, encoding="utf-8")
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-
-
 def save_hf(model, args, meta, folder, float_dtype="fp32"):
-    """Write the folder of a LlamaForCausalLM or BitNetForCausalLM."""
+    """Write the folder (bitlinear/hf.py's write_folder) of a LlamaForCausalLM or
+    BitNetForCausalLM."""
     check_exportable(args)
     dtype = HF_DTYPES[float_dtype]
     config = hf_config(args, meta, dtype)

@@ -17,16 +17,18 @@ the float32 model plus its largest tensor as the file holds it, not the folder a
 import json
 import math
 import re
-from collections import namedtuple
 from pathlib import Path
 
 import torch
 
+from bitlinear.hf import FLOAT_DTYPES, ExportError, read_config, read_tensor, safetensors_table
+from bitlinear.inference import shell_model, to_integer
 from bitlinear.pack import unpack_2bit_rows
-from common import first_line
-from data.common import DataError, char_meta, gpt2_meta
-from data.tokenizer import GPT2_EOT, gpt2_vocab, hf_meta
-from llama.hf import LINEARS, ExportError, hf_key
+from data.common import DataError, char_meta, gpt2_meta, hf_meta
+from data.tokenizer import GPT2_EOT
+from data.vocab import gpt2_vocab
+from llama.hf import LINEARS, hf_key
+from llama.model import Llama, LlamaConfig
 
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
          "num_attention_heads", "max_position_embeddings")
@@ -36,6 +38,26 @@ MAX_SIZE = 2**31 - 1
 
 def _is_number(x):
     return type(x) in (int, float) and math.isfinite(x)
+
+
+def _heads(config, bad):
+    """(hidden_size, heads, key/value heads) of a config.json whose sizes are checked; bad(what)
+    is the error naming what does not fit BitGPT's LLaMA."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    if hidden % heads:
+        raise bad(f"has num_attention_heads={heads}, which does not divide hidden_size={hidden}")
+    head_dim = config.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise bad(f"has head_dim={head_dim}; BitGPT's LLaMA needs hidden_size / "
+                  f"num_attention_heads = {hidden // heads}")
+    if heads % kv_heads:
+        raise bad(f"has num_key_value_heads={kv_heads}, which does not divide "
+                  f"num_attention_heads={heads}")
+    if head_dim % 2:
+        raise bad(f"has hidden_size / num_attention_heads = {head_dim}, an odd head size; RoPE "
+                  f"needs an even one")
+    return hidden, heads, kv_heads
 
 
 def _args_from_config(config, folder):
@@ -59,20 +81,7 @@ def _args_from_config(config, folder):
         if (value is not None or key in SIZES) and not (
                 type(value) is int and 0 < value <= MAX_SIZE):
             raise bad(f"has {key}={value!r}; it must be a positive integer (at most {MAX_SIZE})")
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    if hidden % heads:
-        raise bad(f"has num_attention_heads={heads}, which does not divide hidden_size={hidden}")
-    head_dim = config.get("head_dim") or hidden // heads
-    if head_dim * heads != hidden:
-        raise bad(f"has head_dim={head_dim}; BitGPT's LLaMA needs hidden_size / "
-                  f"num_attention_heads = {hidden // heads}")
-    if heads % kv_heads:
-        raise bad(f"has num_key_value_heads={kv_heads}, which does not divide "
-                  f"num_attention_heads={heads}")
-    if head_dim % 2:
-        raise bad(f"has hidden_size / num_attention_heads = {head_dim}, an odd head size; RoPE "
-                  f"needs an even one")
+    hidden, heads, kv_heads = _heads(config, bad)
     for key in ("rope_parameters", "rope_scaling", "quantization_config"):
         if config.get(key) is not None and not isinstance(config[key], dict):
             raise bad(f"has {key}={config[key]!r}; it must be an object or null")
@@ -114,7 +123,7 @@ def latent_weight(t, s, out=None):
 
 def _meta_from_tokenizer(folder):
     """The dataset meta of the folder's tokenizer.json: a character table (BitGPT's char export)
-    as 'char', GPT-2's BPE as 'gpt2', any other tokenizer as 'hf' (data.tokenizer.hf_meta,
+    as 'char', GPT-2's BPE as 'gpt2', any other tokenizer as 'hf' (data.common.hf_meta,
     vocab_size the model's)."""
     path = folder / "tokenizer.json"
     if not path.is_file():
@@ -144,20 +153,6 @@ def _meta_from_tokenizer(folder):
         return hf_meta(folder)[0]
     except DataError as e:
         raise ExportError(str(e)) from None
-
-
-def read_config(folder):
-    """config.json of a transformers folder, as a dict; one line when it cannot be read."""
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (ValueError, RecursionError) as e:  # not JSON, or not UTF-8
-        raise ExportError(f"'{folder}/config.json' is not a readable transformers config "
-                          f"({type(e).__name__}: {first_line(e)})") from None
-    if not isinstance(config, dict):
-        raise ExportError(f"'{folder}/config.json' is not a readable transformers config (a "
-                          f"JSON {type(config).__name__}, not an object)")
-    return config
 
 
 def _open_folder(folder):
@@ -195,60 +190,18 @@ def _fill(param, table, name, multiplies):
     latent_weight(unpack_2bit_rows(w), 1 / scale if multiplies else scale, out=param)
 
 
+def inference_model(folder):
+    """(model, meta) to sample from (sample.py's load_model): a ternary folder's model as the
+    integer model, a float one as it is."""
+    model, args, meta = load_hf_model(folder)
+    return (to_integer(model.eval()) if args["bitlinear"] else model.eval()), meta
+
+
 def load_hf(folder):
     """(model_args, float state dict, meta) from a transformers folder (train.py --init_from):
     load_hf_model's model as its state dict, which holds the model's own tensors."""
     model, args, meta = load_hf_model(folder)
     return args, model.state_dict(), meta
-
-
-# bytes per value of each safetensors dtype
-SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2,
-                      "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
-                      "U64": 8, "F64": 8}
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-
-
-Entry = namedtuple("Entry", "file dtype shape start")  # start: the data's offset in the file
-
-
-def safetensors_table(folder):
-    """{tensor name: Entry} of the folder's *.safetensors files, from their headers alone, every
-    entry checked against its file (a damaged file is one ExportError)."""
-    table = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        def bad(what, f=f):
-            return ExportError(f"'{f}' is not a readable safetensors file ({what}); export the "
-                               f"model again")
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            start = fh.read(8)
-            n = int.from_bytes(start, "little")
-            if len(start) < 8 or n > size - 8:
-                raise bad(f"its header claims {n} bytes, the file holds {size - 8}")
-            try:
-                header = json.loads(fh.read(n))
-            except (ValueError, RecursionError):
-                raise bad("its header is not JSON") from None
-        if not isinstance(header, dict):
-            raise bad("its header is not a JSON object")
-        for name, e in header.items():
-            if name == "__metadata__":
-                continue
-            if not isinstance(e, dict) or e.get("dtype") not in SAFETENSORS_DTYPES:
-                raise bad(f"tensor {name} has no known dtype")
-            shape, span = e.get("shape"), e.get("data_offsets")
-            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-                raise bad(f"tensor {name} has shape {shape!r}")
-            if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
-                    and 0 <= span[0] <= span[1] <= size - 8 - n
-                    and span[1] - span[0] == math.prod(shape) * SAFETENSORS_DTYPES[e["dtype"]]):
-                raise bad(f"tensor {name}'s data_offsets {span!r} do not fit its shape and file")
-            if name in table:
-                raise ExportError(f"'{folder}' holds tensor {name} twice ({table[name][0].name} "
-                                  f"and {f.name})")
-            table[name] = Entry(f, e["dtype"], tuple(shape), 8 + n + span[0])
-    return table
 
 
 def _config_keys(key):
@@ -273,8 +226,6 @@ def _check_tensors(args, table, folder):
     the safetensors table holds each of them in the shape and dtype args make it (else one
     ExportError naming the config.json key): the layer count first, then the model is built as a
     shell (its weights allocated, never written) for its names and shapes."""
-    from bitlinear.inference import shell_model
-    from llama.model import Llama, LlamaConfig
     if not table:
         raise ExportError(f"'{folder}' holds no weights (no *.safetensors file)")
     files = ", ".join(sorted({e.file.name for e in table.values()}))
@@ -325,21 +276,3 @@ def _check_tensors(args, table, folder):
                               f"{list(shape)}{' (unpacked)' if ternary else ''}")
         ours[name] = key
     return ours, model
-
-
-# the dtypes _check_tensors lets through: packed ternary values and floats
-TORCH_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16,
-                "F32": torch.float32, "F64": torch.float64}
-
-
-def read_tensor(entry):
-    """One tensor of a safetensors file (little-endian, as this machine), read at the offset its
-    header gives: plain reads, not a memory map, whose pages would count as this process's
-    memory until the whole file is unmapped."""
-    n = math.prod(entry.shape) * SAFETENSORS_DTYPES[entry.dtype]
-    data = torch.empty(n, dtype=torch.uint8)
-    with open(entry.file, "rb") as f:
-        f.seek(entry.start)
-        if f.readinto(data.numpy()) != n:
-            raise ExportError(f"'{entry.file}' changed while it was read; export the model again")
-    return data.view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape)

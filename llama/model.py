@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitlinear import RMSNorm, make_linear, share_input
+from bitlinear.layer import RMSNorm, make_linear
 
 
 @dataclass
@@ -77,7 +77,6 @@ class Attention(nn.Module):
         self.wv = linear(config.n_embd, config.n_kv_head * self.head_dim)
         self.sub_norm = RMSNorm(config.n_embd, config.norm_eps) if config.subln else None
         self.wo = linear(config.n_head * self.head_dim, config.n_embd)
-        share_input(self.wq, self.wk, self.wv)  # one quantization of x for all three
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
@@ -110,7 +109,6 @@ class MLP(nn.Module):
         self.w3 = linear(config.n_embd, config.ffn_hidden)  # up
         self.sub_norm = RMSNorm(config.ffn_hidden, config.norm_eps) if config.subln else None
         self.w2 = linear(config.ffn_hidden, config.n_embd)  # down
-        share_input(self.w1, self.w3)
         self.relu2 = config.mlp == "relu2"
         self.dropout = nn.Dropout(config.dropout)
 

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import bench
+from common import build_model, model_args, peak_flops
 
 
 def tiny(tiny_cfg, **kw):
-    return {**tiny_cfg, "compare": False, "reference": False, "bench_steps": 4, "bench_warmup": 1,
+    return {**tiny_cfg, "compare": False, "bench_steps": 4, "bench_warmup": 1,
             "bench_rounds": 2, "peak_flops": 0.0, "profile": 0, **kw}
 
 
@@ -29,7 +30,6 @@ def test_mfu_comes_from_the_stated_peak(tiny_cfg, capsys):
     r = bench.bench(tiny(tiny_cfg, bitlinear=False, peak_flops=1e12))
     out = capsys.readouterr().out
     assert set(r) == {"float", "peak_flops", "peak_flops_source"}
-    from common import build_model, model_args
     args = dict(model_args("gpt", dict(tiny_cfg, bitlinear=False)), vocab_size=65)
     per_token = build_model("gpt", args).flops_per_token()
     assert r["float"]["mfu"] == pytest.approx(per_token * r["float"]["tokens_per_s"] / 1e12)
@@ -42,7 +42,6 @@ def test_mfu_comes_from_the_stated_peak(tiny_cfg, capsys):
     ("NVIDIA A10G", None), ("Some Future GPU", None)])
 def test_gpu_peaks_are_matched_by_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    from common import peak_flops
     flops, source = peak_flops("cuda")
     assert flops == peak
     assert ("not in common.PEAK_FLOPS" in source) == (peak is None)

@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 
-from common import load_checkpoint
+from common import build_model, load_checkpoint
+from configs.table import saved_activations, training_memory
 from tests.conftest import ROOT
 from tools.plot import read_metrics
+from train import checkpoint_activations
 
 COMMON = ["--device=cpu", "--backend=gloo", "--n_layer=2", "--n_head=2", "--n_embd=32",
           "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=2",
@@ -81,8 +83,6 @@ def test_fsdp_checkpoint_resumes_with_and_without_fsdp(one_process, data_dir, tm
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
 def test_activation_checkpointing_changes_no_number(arch):
-    from common import build_model
-    from train import checkpoint_activations
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65)
     plain, recomputed = build_model(arch, args), build_model(arch, args)
     recomputed.load_state_dict(plain.state_dict())
@@ -97,8 +97,6 @@ def test_activation_checkpointing_changes_no_number(arch):
 
 
 def test_memory_estimates_for_sharding_and_recomputation():
-    from bench import saved_activations, training_memory
-    from common import build_model
     args = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
     plain = training_memory("gpt", args, 12)
     sharded = training_memory("gpt", args, 12, shards=8)

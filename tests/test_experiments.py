@@ -1,11 +1,14 @@
 """The experiment tools: tools/sweep.py trains, tabulates, plots, skips and resumes a tiny grid;
 tools/plot.py and tools/weight_stats.py."""
 
+import json
 import sys
 
 import pytest
+import torch
 
-from tools import sweep
+from common import ConfigError, build_model, load_checkpoint, save_checkpoint
+from tools import plot, sweep, weight_stats
 from tools.plot import read_metrics
 
 TINY = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=16", "--batch_size=4",
@@ -56,7 +59,6 @@ def test_an_interrupted_run_resumes(data_dir, tmp_path):
 
 def test_a_variant_can_start_from_another_runs_weights(data_dir, tmp_path):
     pytest.importorskip("matplotlib")
-    from common import load_checkpoint
     root = tmp_path / "sw"
     base = ["--configs=gpt_50k", f"--sweep_dir={root}", f"--data_dir={data_dir}", *TINY]
     sweep.main([*base, "--variants={'float': '--bitlinear=False'}"])
@@ -80,8 +82,6 @@ def test_sweep_errors_are_one_line(argv, message, tmp_path, capsys):
 
 
 def test_plot_errors(tmp_path, monkeypatch):
-    from common import ConfigError
-    from tools import plot
     with pytest.raises(ConfigError, match="no metrics.jsonl in"):
         plot.plot_curves([tmp_path], tmp_path / "x.png")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -90,10 +90,6 @@ def test_plot_errors(tmp_path, monkeypatch):
 
 
 def test_a_continued_run_is_drawn_later(tmp_path, monkeypatch):
-    import json
-
-    from common import ConfigError
-    from tools import plot
     pytest.importorskip("matplotlib")
     run = tmp_path / "converted"
     run.mkdir()
@@ -112,10 +108,6 @@ def test_a_continued_run_is_drawn_later(tmp_path, monkeypatch):
 
 
 def test_weight_stats_counts_each_ternary_value(tmp_path):
-    import torch
-
-    from common import build_model, save_checkpoint
-    from tools import weight_stats
     args = dict(n_layer=1, n_head=2, n_embd=12, block_size=8, vocab_size=65)
     model = build_model("llama", args)  # every matrix's size divides by 6
     with torch.no_grad():  # mean|W| = 7/6: 3, -3, 0.1, 0.1, 0.4, 0.4 -> 1, -1, 0, 0, 0, 0

@@ -1,27 +1,33 @@
-"""Export to HuggingFace transformers (llama/hf.py), checked with transformers itself, offline.
+"""Export to HuggingFace transformers (llama/hf.py, bitlinear/hf.py), checked with transformers
+itself, offline.
 
 Each exportable variant is trained for a few steps on real text, exported with export.py and
 loaded with AutoModelForCausalLM. transformers' BitLinear computes what BitGPT's integer path
-computes (int8 activations times ternary weights, summed exactly, divided by both scales), and
-on these models its logits are bit-identical to ours (measured: max error 0.0); the test allows
-1e-5, for other builds' float kernels. Greedy continuations must be equal. (Against the training
-model's fake-quant forward the difference is that of the integer path itself: an activation now
-and then rounds the other way; measured on llama_bitnet_5m: max 0.10, top-1 99.7%.)
+computes (int8 activations times ternary weights, summed exactly, divided by both scales), so
+its logits are ours; the test allows 1e-5, for other builds' float kernels. Greedy continuations
+must be equal. (Against the training model's fake-quant forward the difference is that of the
+integer path itself: an activation now and then rounds the other way.)
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from bitlinear import to_integer
+from bitlinear.convert import load_init_weights
+from bitlinear.hf import ExportError
+from bitlinear.inference import to_integer
+from bitlinear.layer import ternarize
 from bitlinear.pack import pack_2bit_rows, unpack_2bit_rows
-from common import load_checkpoint, model_from_checkpoint
+from common import build_model, load_checkpoint, model_from_checkpoint
 from data.loader import read_meta
 from export import main as export_main
-from llama.hf import ExportError, check_exportable
+from llama.hf import check_exportable
 from sample import generate
+from train import main as train_main
+from train import train
 
 safetensors = pytest.importorskip("safetensors.torch", reason="safetensors is not installed: "
                                   "pip install -r requirements-dev.txt (CI installs it)")
@@ -51,7 +57,7 @@ def val_ids(data_dir, n, dataset="shakespeare_char"):
 
 def load_hf(folder):
     from transformers import AutoModelForCausalLM
-    with torch._dynamo.config.patch(disable=True):  # its BitLinear compiles a quantizer: 24 s
+    with torch._dynamo.config.patch(disable=True):  # its BitLinear would compile a quantizer
         return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
@@ -83,7 +89,6 @@ def test_transformers_computes_our_logits(train_llama, data_dir, variant):
 
 
 def test_packed_weights_are_the_ternary_weights_bit_for_bit(train_llama):
-    from bitlinear import ternarize
     out = train_llama(subln=True, tie_embeddings=True)
     export_main([f"--out_dir={out}", "--format=hf", f"--to={out}/hf_bits"])
     tensors = safetensors.load_file(out / "hf_bits" / "model.safetensors")
@@ -144,7 +149,6 @@ def test_gpt2_tokenizer_matches_tiktoken(train_llama, bpe_data_dir, corpus):
 
 
 def test_unexportable_models_and_options_are_refused(tiny_cfg, tmp_path, capsys):
-    from train import train
     train(dict(tiny_cfg, max_iters=2))  # a GPT
     with pytest.raises(SystemExit, match="--embed_int8 is for --format=packed or gguf"):
         export_main([f"--out_dir={tiny_cfg['out_dir']}", "--format=hf", "--embed_int8=True"])
@@ -174,8 +178,6 @@ def test_export_never_overwrites_a_folder_it_did_not_write(train_llama, tmp_path
 
 
 def test_import_back_gives_the_same_model_and_fine_tunes(train_llama, data_dir, tiny_cfg):
-    from common import build_model, load_init_weights
-    from train import train
     out = train_llama(mlp="relu2", subln=True, tie_embeddings=True)
     export_main([f"--out_dir={out}", "--format=hf", f"--to={out}/hf_import"])
     args, state = load_init_weights(out / "hf_import", "llama")
@@ -183,7 +185,6 @@ def test_import_back_gives_the_same_model_and_fine_tunes(train_llama, data_dir, 
     assert all(getattr(original.config, k) == v for k, v in args.items())
     imported = build_model("llama", args).eval()
     imported.load_state_dict(state)
-    from bitlinear import ternarize
     for key in ("layers.0.attention.wk.weight", "layers.1.feed_forward.w2.weight"):
         (t1, s1), (t2, s2) = ternarize(state[key]), ternarize(original.state_dict()[key])
         assert torch.equal(t1, t2) and torch.allclose(s1, s2, rtol=1e-6, atol=0)
@@ -196,11 +197,10 @@ def test_import_back_gives_the_same_model_and_fine_tunes(train_llama, data_dir, 
     from_hf = train(dict(cfg, init_from=str(out / "hf_import")))["val"]
     from_ckpt = train(dict(cfg, init_from=str(out / "ckpt.pt"), out_dir=cfg["out_dir"] + "2")
                         )["val"]
-    assert abs(from_hf - from_ckpt) < 1e-4 and from_hf < 3.0  # trained, not a fresh init (4.2)
+    assert abs(from_hf - from_ckpt) < 1e-4 and from_hf < 3.0  # trained: a fresh init is ln 65
 
 
 def test_import_errors_are_one_line(train_llama, bpe_data_dir, tiny_cfg, tmp_path):
-    from train import main as train_main
     out = train_llama(data_dir=str(bpe_data_dir), dataset="shakespeare", max_iters=10,
                       lr_decay_iters=10, eval_interval=10, subln=True, tie_embeddings=True)
     export_main([f"--out_dir={out}", "--format=hf"])
@@ -213,7 +213,6 @@ def test_import_errors_are_one_line(train_llama, bpe_data_dir, tiny_cfg, tmp_pat
                     f"--init_from={out / 'hf'}", f"--out_dir={tmp_path / 'o'}"])
     with pytest.raises(SystemExit, match="not 'scratch', 'resume', or the path"):
         train_main([f"--init_from={tmp_path / 'nothing'}"])
-    import shutil
     broken = tmp_path / "broken"
     shutil.copytree(out / "hf", broken)
     weights = broken / "model.safetensors"

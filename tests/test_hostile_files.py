@@ -6,6 +6,7 @@ by the real writers (save_packed, save_hf) and then edited.
 """
 
 import json
+import shutil
 import signal
 import string
 import struct
@@ -17,10 +18,15 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from bitlinear.hf import ExportError
 from bitlinear.packed_file import save_packed
-from common import CheckpointError, build_model, load_model
+from common import CheckpointError, build_model
 from data.common import char_meta
+from llama.hf import save_hf
+from llama.hf_import import load_hf
+from sample import load_model
 from tests.conftest import ROOT
+from train import main as train_main
 
 CHARS = sorted(set(string.printable))[:65]
 GPT = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65)
@@ -297,8 +303,6 @@ safetensors = pytest.importorskip("safetensors.torch", reason="safetensors is no
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     """A transformers folder of a tiny ternary LLaMA (GQA, sub-norms, tied), as export writes."""
-    from llama.hf import save_hf
-    from llama.hf_import import load_hf
     folder = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     model = build_model("llama", LLAMA)
@@ -309,13 +313,10 @@ def hf_folder(tmp_path_factory):
 
 @pytest.fixture
 def hf_copy(hf_folder, tmp_path):
-    import shutil
     return shutil.copytree(hf_folder, tmp_path / "hf")
 
 
 def import_error(folder, match):
-    from llama.hf import ExportError
-    from llama.hf_import import load_hf
     with within(20), pytest.raises(ExportError, match=match) as e:
         load_hf(folder)
     return one_line(e)
@@ -428,7 +429,6 @@ def test_a_tokenizer_that_is_not_an_object_is_refused(hf_copy):
 
 def test_init_from_refuses_a_folder_that_claims_a_million_layers(hf_copy, tiny_cfg, tmp_path):
     """train.py --init_from: the one line, naming the key."""
-    from train import main as train_main
     edit_config(hf_copy, num_hidden_layers=1000000)
     with within(30), pytest.raises(SystemExit, match="has num_hidden_layers=1000000, but "
                                                      "model.safetensors holds layers 0 to 1"):

@@ -6,21 +6,20 @@ import copy
 import pytest
 import torch
 
-import bitlinear.inference as inference
 import bitlinear.kernels as kernels
-from bitlinear import (
-    BitLinear,
+from bitlinear.inference import (
+    Embedding8,
+    Embedding16,
+    Linear8,
+    Linear16,
     TernaryLinear,
-    activation_quant,
-    activation_quant_int,
-    int_matmul,
     to_integer,
 )
-from bitlinear.fast import SharedInput
-from bitlinear.inference import Embedding8, Embedding16, Linear8, Linear16
-from bitlinear.kernels import fbgemm_fp16_exact
-from common import load_checkpoint, model_from_checkpoint
-from sample import generate
+from bitlinear.kernels import fbgemm_fp16_exact, int_matmul
+from bitlinear.layer import BitLinear, activation_quant, activation_quant_int
+from bitlinear.packed_file import save_packed
+from common import build_model, load_checkpoint, model_from_checkpoint
+from sample import generate, load_model
 from train import train
 
 # every model variant the integer path must handle: GQA, squared ReLU, sub-layer norms, tied and
@@ -111,40 +110,6 @@ def test_ternary_linear_matches_bitlinear():
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_siblings_quantize_their_shared_input_once(monkeypatch):
-    calls = []
-    real = inference.activation_quant_int
-    monkeypatch.setattr(inference, "activation_quant_int", lambda x, eps: calls.append(1) or
-                        real(x, eps))
-    torch.manual_seed(0)
-    layers = [TernaryLinear.from_bitlinear(BitLinear(16, 8)) for _ in range(3)]
-    x = torch.randn(2, 16)
-    alone = [m(x) for m in layers]
-    assert len(calls) == 3
-    shared = SharedInput(inference.quantize_tokens, len(layers))
-    for m in layers:
-        m.shared_input = shared
-    calls.clear()
-    for m, y in zip(layers, alone, strict=True):
-        assert torch.equal(m(x), y)
-    assert len(calls) == 1
-    x.mul_(2)  # an in-place write: the cached quantization must not be reused
-    torch.testing.assert_close(layers[1](x), alone[1] * 2)  # absmax scaling: y(2x) = 2 y(x)
-    assert len(calls) == 2
-
-
-def test_to_integer_shares_llama_projections_only_without_inner_norms(tiny_cfg):
-    from common import build_model
-    llama = to_integer(build_model("llama", dict(n_layer=1, n_head=2, n_embd=16, vocab_size=8)))
-    attn, mlp = llama.layers[0].attention, llama.layers[0].feed_forward
-    assert attn.wq.shared_input is attn.wk.shared_input is attn.wv.shared_input is not None
-    assert mlp.w1.shared_input is mlp.w3.shared_input is not None and mlp.w2.shared_input is None
-    assert attn.wo.shared_input is None and attn.wq.shared_input is not mlp.w1.shared_input
-    normed = to_integer(build_model("llama", dict(n_layer=1, n_head=2, n_embd=16, vocab_size=8,
-                                                  bit_norm=True)))
-    assert all(m.shared_input is None for m in normed.modules() if isinstance(m, TernaryLinear))
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16bit_head_computes_with_its_exact_values(dtype):
     torch.manual_seed(0)
@@ -201,13 +166,9 @@ def test_trained_model_runs_exactly_in_integers(tiny_cfg, variant):
                        generate(integer, prompt, 40, temperature=0))
 
 
-# ---- bitlinear/decode.py: the decode step in fewer passes, bit for bit the model's -------------
-
 def packed_model(variant, tmp_path):
-    """A small model of the variant (random weights: any weights must decode the same) as its
-    .bitnet file loads, with 16-bit embeddings and head, as sample.py runs it."""
-    from bitlinear.packed_file import save_packed
-    from common import build_model, load_model
+    """A small model of the variant (random weights) as its .bitnet file loads, with 16-bit
+    embeddings and head, as sample.py runs it."""
     args = {k: v for k, v in VARIANTS[variant].items() if k != "arch"}
     args = dict(dict(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65), **args)
     torch.manual_seed(0)
@@ -216,103 +177,12 @@ def packed_model(variant, tmp_path):
     return load_model(tmp_path / "m.bitnet")[0].eval()
 
 
-def assert_decoder_is_the_model(model, decoder, steps=12, batch=2):
-    """Prefill 8 tokens with the model into two caches, then decode greedily: the model on one
-    cache, the decoder on the other; logits and caches equal bit for bit at every step."""
-    from sample import KVCache
-    idx = torch.randint(0, 65, (batch, 8), generator=torch.Generator().manual_seed(3))
-    caches = [KVCache(model.config.n_layer, model.config.block_size) for _ in range(2)]
-    with torch.no_grad():
-        for cache in caches:
-            logits = model(idx, cache=cache)[0]
-            cache.length = idx.size(1)
-        for _ in range(steps):
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-            logits = model(tok, cache=caches[0])[0]
-            assert torch.equal(decoder(tok, caches[1]), logits)
-            for cache in caches:
-                cache.length += 1
-    for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
-        assert torch.equal(a.k[:, :, :caches[0].length], b.k[:, :, :caches[1].length])
-        assert torch.equal(a.v[:, :, :caches[0].length], b.v[:, :, :caches[1].length])
-
-
-DECODED = [v for v in VARIANTS if not VARIANTS[v].get("bit_norm")]
-
-
-@pytest.mark.parametrize("variant", DECODED)
-def test_decoder_steps_are_the_models_bit_for_bit(variant, tmp_path):
-    from bitlinear.decode import Decoder
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_packed_model_draws_the_same_tokens_with_and_without_the_cache(variant, tmp_path):
+    """Sampled generation (temperature, top-k) past the context: the cached decode steps draw
+    what the uncached forward over the whole window draws."""
     model = packed_model(variant, tmp_path)
-    n_weights = sum(m.weight.untyped_storage().nbytes() for m in model.modules()
-                    if isinstance(m, TernaryLinear))
-    decoder = Decoder(model)
-    assert_decoder_is_the_model(model, decoder)
-    storages = {m.weight.untyped_storage().data_ptr(): m.weight.untyped_storage().nbytes()
-                for m in model.modules() if isinstance(m, TernaryLinear)}
-    assert sum(storages.values()) == n_weights  # the stacked weights are the layers': no copy
-    # sampled generation (temperature, top-k) draws the same tokens with and without it
     prompt = torch.randint(0, 65, (1, 5), generator=torch.Generator().manual_seed(4))
-    draw = lambda d: generate(model, prompt, 20, 0.8, 10, torch.Generator().manual_seed(5),  # noqa: E731
-                              decoder=d)
-    assert torch.equal(draw(None), draw(decoder))
-
-
-@needs_fbgemm
-def test_decoder_with_fbgemm_sums(tmp_path, monkeypatch):
-    from bitlinear.decode import Decoder
-    monkeypatch.setattr(kernels, "CPU_KERNEL", "fbgemm")
-    model = packed_model("llama-gqa-relu2-subln-tied", tmp_path)
-    assert_decoder_is_the_model(model, Decoder(model), steps=6)
-
-
-def test_decoder_refuses_what_it_does_not_run():
-    from bitlinear.decode import Decoder, supports
-    from common import build_model
-    float_model = build_model("llama", dict(n_layer=1, n_head=2, n_embd=16, vocab_size=8))
-    normed = to_integer(build_model("gpt", dict(n_layer=1, n_head=2, n_embd=16, vocab_size=8,
-                                                block_size=8, bit_norm=True)))
-    assert not supports(float_model) and not supports(normed)
-    with pytest.raises(ValueError, match="integer GPT and LLaMA"):
-        Decoder(float_model)
-
-
-def test_ordered_sum_adds_as_aten_does():
-    """RMSNorm's sum of squares, written out for the compiler, equals ATen's on rows of every
-    width the models use, with tails (width % lanes) and the cascade's levels (> 512 vectors)."""
-    from bitlinear.decode import ordered_sum, sum_lanes
-    lanes = sum_lanes((256, 768))
-    if lanes is None:
-        pytest.skip("ATen's summation order on this CPU is not one ordered_sum knows")
-    g = torch.Generator().manual_seed(0)
-    for n in (4 * lanes, 100, 384, 768, 2048, 2053, 16437, 40000):
-        sq = (torch.randn(16, n, generator=g) * torch.randn(16, n, generator=g).exp()) ** 2
-        assert torch.equal(ordered_sum(sq, lanes), sq.sum(-1, keepdim=True)), n
-        assert not torch.equal(ordered_sum(sq, lanes).double(), sq.double().sum(-1, True)), n
-
-
-@pytest.mark.parametrize("kernel", ["int_mm", "fbgemm"])
-def test_compiled_decoder_steps_are_the_models_bit_for_bit(tmp_path, monkeypatch, kernel):
-    """torch.compile of the LLaMA step, summing by torch._int_mm or by a float32 GEMM (as on
-    CPUs without VNNI): the same logits (each compile takes ~10 s here)."""
-    from bitlinear import kernels
-    from bitlinear.decode import Decoder
-    monkeypatch.setattr(kernels, "CPU_KERNEL", kernel)
-    model = packed_model("llama-gqa-relu2-subln-tied", tmp_path)
-    decoder = Decoder(model, compile=True)
-    weight = decoder.compiled_layers[0][1][0]
-    assert weight.dtype == (torch.int8 if kernel == "int_mm" else torch.float32)
-    assert_decoder_is_the_model(model, decoder, steps=8, batch=1)
-    assert decoder.compiled is not None and decoder.compile_seconds > 0  # it did not fall back
-
-
-def test_compile_pays_with_int8_sums_or_a_small_float32_copy(tmp_path, monkeypatch):
-    from bitlinear import decode, kernels
-    llama = packed_model("llama-gqa-relu2-subln-tied", tmp_path)
-    monkeypatch.setattr(kernels, "CPU_KERNEL", "fbgemm")
-    assert decode.compile_pays(llama)  # a float32 copy of a few hundred KB
-    monkeypatch.setattr(decode, "FLOAT_COPY_BYTES", 4 * 64 * 64)
-    assert not decode.compile_pays(llama)
-    monkeypatch.setattr(kernels, "CPU_KERNEL", "int_mm")
-    assert decode.compile_pays(llama)  # int8 sums: no copy
-    assert not decode.compile_pays(packed_model("gpt", tmp_path))  # compile runs LLaMA only
+    draw = lambda cache: generate(model, prompt, 40, 0.8, 10,  # noqa: E731
+                                  torch.Generator().manual_seed(5), use_cache=cache)
+    assert torch.equal(draw(True), draw(False))

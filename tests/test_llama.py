@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bitlinear import BitLinear, RMSNorm
+from bitlinear.layer import BitLinear, RMSNorm
 from llama.model import Llama, LlamaConfig, apply_rotary_emb, precompute_rope
 from sample import KVCache, generate
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from bitlinear import BitLinear
+from bitlinear.layer import BitLinear
 from gpt.model import GPT, GPTConfig
 from sample import generate
 from train import DEFAULTS, configure_optimizers

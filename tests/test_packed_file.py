@@ -11,8 +11,15 @@ import sys
 import pytest
 import torch
 
-from bitlinear import TernaryLinear, activation_quant_int, ternarize, to_integer
-from bitlinear.inference import Embedding8, Embedding16, Linear8, Linear16
+from bitlinear.inference import (
+    Embedding8,
+    Embedding16,
+    Linear8,
+    Linear16,
+    TernaryLinear,
+    to_integer,
+)
+from bitlinear.layer import activation_quant_int, ternarize
 from bitlinear.packed_file import (
     FORMAT_VERSION,
     MAGIC,
@@ -21,19 +28,15 @@ from bitlinear.packed_file import (
     round_float_tensors,
     save_packed,
 )
-from common import (
-    CheckpointError,
-    ConfigError,
-    load_checkpoint,
-    load_model,
-    model_from_checkpoint,
-)
+from common import CheckpointError, ConfigError, load_checkpoint, model_from_checkpoint
 from export import DEFAULTS, export
-from sample import generate
+from sample import generate, load_model
 from tests.conftest import ROOT
 from tests.test_inference import VARIANTS, assert_same_logits
-from tools.bench_inference import as_float
-from train import train
+from tools.bench_inference import DEFAULTS as BENCH
+from tools.bench_inference import as_float, bench
+from train import DEFAULTS as TRAIN
+from train import resolve, train
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -46,8 +49,6 @@ def model_from_packed(path):
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def trained(request, data_dir, tmp_path_factory):
     """(out_dir, model): a tiny model of each variant trained 30 steps on Tiny Shakespeare."""
-    from train import DEFAULTS as TRAIN
-    from train import resolve
     out = tmp_path_factory.mktemp(request.param)
     cfg = resolve({**TRAIN, **dict(out_dir=str(out), data_dir=str(data_dir), device="cpu",
                                    compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32,
@@ -97,7 +98,7 @@ def test_export_reloads_exactly_and_runs_what_it_holds(trained):
         torch.testing.assert_close(out_logits, to_integer(copy.deepcopy(rounded))(idx, idx)[0],
                                    atol=1e-5, rtol=0)
         assert_same_logits(out_logits, rounded(idx, idx)[0])
-        # against the unrounded model, fp16 embeddings and head move logits by ~1e-2 here
+        # against the unrounded model, fp16 embeddings and head move the logits a little
         assert (out_logits - model(idx, idx)[0]).abs().max() < 0.1
     prompt = idx[:1, :5]
     assert torch.equal(generate(packed, prompt, 30, temperature=0),
@@ -227,8 +228,6 @@ def test_export_and_sample_from_the_command_line(trained):
 
 @SOME
 def test_bench_inference_runs_the_same_prompt_in_both_paths(trained, capsys):
-    from tools.bench_inference import DEFAULTS as BENCH
-    from tools.bench_inference import bench
     out, model = trained
     sizes, results = bench(dict(BENCH, ckpt=str(out / "ckpt.pt"), prompt_tokens=8,
                                 new_tokens=8, repeats=1, val_batches=1))
@@ -254,8 +253,6 @@ def test_bench_inference_runs_the_same_prompt_in_both_paths(trained, capsys):
 
 
 def test_float_models_are_not_exported(data_dir, tmp_path):
-    from train import DEFAULTS as TRAIN
-    from train import resolve
     cfg = resolve(dict(TRAIN, out_dir=str(tmp_path), data_dir=str(data_dir), device="cpu",
                        n_layer=1, n_head=1, n_embd=8, block_size=8, max_iters=1, eval_iters=1,
                        bitlinear=False))

@@ -303,7 +303,8 @@ def test_gpt2_offline_without_its_files_is_one_line(no_gpt2_files, corpus, tmp_p
     from data.common import DataError, gpt2_meta, write_splits
     from data.loader import Data
     from data.shakespeare.prepare import SETTINGS, main
-    from data.tokenizer import Tokenizer, gpt2_encoding, gpt2_vocab
+    from data.tokenizer import Tokenizer, gpt2_encoding
+    from data.vocab import gpt2_vocab
     from train import DEFAULTS, resolve
     with pytest.raises(DataError, match=no_gpt2_files):
         gpt2_encoding()

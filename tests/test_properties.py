@@ -2,19 +2,16 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from bitlinear import (
+from bitlinear.layer import (
     BitLinear,
-    FastBitLinear,
     activation_quant,
     activation_quant_int,
-    pack_2bit,
-    pack_base3,
     ternarize,
-    unpack_2bit,
-    unpack_base3,
     weight_quant,
 )
+from bitlinear.pack import pack_2bit, pack_base3, unpack_2bit, unpack_base3
 
 hypothesis = pytest.importorskip("hypothesis", reason="pip install hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -70,27 +67,22 @@ def test_weight_quant_properties(w):
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 40), st.integers(1, 40), magnitudes, st.booleans(),
        st.integers(0, 2**16))
-def test_bitlinear_equals_reference_bit_for_bit(batch, k, n, magnitude, bias, seed):
-    """Values and gradients of the fast BitLinear are the reference's, on any shape and scale;
-    after the weight changes in place, the cached W_q follows."""
+def test_bitlinear_is_the_papers_formula_with_straight_through_gradients(batch, k, n, magnitude,
+                                                                          bias, seed):
+    """BitLinear's output is F.linear(x_q, W_q, b) and its gradients the straight-through
+    estimator's (dx = dy W_q, dW = dy^T x_q), exactly, on any shape and scale."""
     g = torch.Generator().manual_seed(seed)
-    layer = FastBitLinear(k, n, bias=bias)
+    layer = BitLinear(k, n, bias=bias)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(n, k, generator=g) * magnitude)
-    x = torch.randn(batch, 3, k, generator=g) * magnitude
+    x = torch.randn(batch, 3, k, generator=g).mul_(magnitude).requires_grad_()
     dy = torch.randn(batch, 3, n, generator=g)
-    for _ in range(2):
-        results = []
-        for fn in (layer, lambda t: BitLinear.forward(layer, t)):
-            layer.zero_grad(set_to_none=True)
-            xr = x.clone().requires_grad_()
-            y = fn(xr)
-            y.backward(dy)
-            results.append([y, xr.grad, layer.weight.grad])
-        for a, b in zip(*results, strict=True):  # exactly equal; at 1e30 both overflow alike
-            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-        with torch.no_grad():
-            layer.weight.mul_(-0.5).add_(magnitude)
+    y = layer(x)
+    y.backward(dy)
+    x_q, w_q = activation_quant(x.detach()), weight_quant(layer.weight.detach())
+    want = [F.linear(x_q, w_q, layer.bias), dy @ w_q, dy.reshape(-1, n).t() @ x_q.reshape(-1, k)]
+    for a, b in zip([y, x.grad, layer.weight.grad], want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 @settings(max_examples=200, deadline=None)

@@ -4,14 +4,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from data.tokenizer import Tokenizer
+from export import main as export_main
+from sample import generate, load_model
 from tests.conftest import ROOT
-from train import train
+from train import DEFAULTS, resolve, train
 
 
 @pytest.fixture(scope="module")
 def ckpt_dir(data_dir, tmp_path_factory):
-    from train import DEFAULTS, resolve
     out = tmp_path_factory.mktemp("sample_out")
     cfg = resolve(dict(DEFAULTS, out_dir=str(out), data_dir=str(data_dir), device="cpu",
                        n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=10,
@@ -50,7 +53,7 @@ def test_prompt_from_file_longer_than_context(ckpt_dir, tmp_path):
     (["--start="], "the prompt is empty"),
     (["--max_new_tokens=0"], "max_new_tokens must be positive"),
     (["--temperature=-1.0"], "temperature must be >= 0"),
-    (["--compile=maybe"], "compile must be True, False or auto"),
+    (["--compile=maybe"], "config key 'compile' wants bool"),
 ])
 def test_bad_input_is_one_clear_line(ckpt_dir, args, message):
     r = sample(ckpt_dir, *args)
@@ -67,15 +70,9 @@ def test_greedy_is_deterministic_without_seed(ckpt_dir):
     assert first == second == b.stdout.split("---------------\n")[0]
 
 
-def test_packed_model_samples_the_models_tokens_through_its_decoder(ckpt_dir):
-    """sample.py on a .bitnet file decodes with bitlinear/decode.py: the text is what the
-    model's own steps draw from the same seed."""
-    import torch
-
-    from common import load_model
-    from data.tokenizer import Tokenizer
-    from export import main as export_main
-    from sample import generate
+def test_packed_model_samples_the_models_tokens(ckpt_dir):
+    """sample.py on a .bitnet file runs the integer model's cached steps: the text is what the
+    model's uncached forward draws from the same seed."""
     path = ckpt_dir / "m.bitnet"
     export_main([f"--out_dir={ckpt_dir}", f"--to={path}", "--format=packed"])
     r = sample(ckpt_dir, f"--ckpt={path}", "--start=ROMEO:", "--num_samples=1",
@@ -84,22 +81,7 @@ def test_packed_model_samples_the_models_tokens_through_its_decoder(ckpt_dir):
     model, meta = load_model(path)
     tok = Tokenizer(meta)
     ids = torch.tensor([tok.encode("ROMEO:")])
-    want = generate(model.eval(), ids, 30, 0.8, 200, torch.Generator().manual_seed(7))
-    assert r.stdout == tok.decode(want[0].tolist()) + "\n---------------\n"
-
-
-def test_compile_auto_compiles_the_decode_step_only_where_it_pays(ckpt_dir):
-    from bitlinear.decode import can_compile
-    from common import load_model
-    from sample import COMPILE_WORK, make_decoder
-    path = ckpt_dir / "m2.bitnet"
-    from export import main as export_main
-    export_main([f"--out_dir={ckpt_dir}", f"--to={path}", "--format=packed"])
-    packed = load_model(path)[0].eval()
-    assert make_decoder(packed, "auto", 1500).compiled is None  # sample.py's default: 3 x 500
-    assert make_decoder(packed, False, 10 ** 9).compiled is None
-    c = packed.config
-    long = make_decoder(packed, "auto", COMPILE_WORK // (c.n_layer * c.n_embd))
-    assert (long.compiled is not None) == can_compile(packed)  # a GPT: never (LLaMA only)
-    assert make_decoder(packed, True, 1, dtype="bfloat16") is None  # autocast: the model's steps
-    assert make_decoder(load_model(ckpt_dir / "ckpt.pt")[0], True, 1) is None  # a float model
+    for cache in (True, False):
+        want = generate(model.eval(), ids, 30, 0.8, 200, torch.Generator().manual_seed(7),
+                        use_cache=cache)
+        assert r.stdout == tok.decode(want[0].tolist()) + "\n---------------\n"

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitlinear import BitLinear, FastBitLinear, activation_quant, set_quantization, weight_quant
+from bitlinear.convert import distill_loss
+from bitlinear.layer import BitLinear, activation_quant, set_quantization, weight_quant
 from common import ConfigError, load_checkpoint
 from gpt.model import GPT, GPTConfig
 from train import (
     DEFAULTS,
     configure_optimizers,
-    distill_loss,
     get_lr,
     next_batch,
     quantization_strength,
@@ -34,8 +34,8 @@ def twins(seed=0):
     return ternary, fp
 
 
-@pytest.mark.parametrize("layer_cls", [BitLinear, FastBitLinear])
-def test_blend_is_float_at_zero_bitlinear_at_one_and_linear_between(layer_cls):
+def test_blend_is_float_at_zero_bitlinear_at_one_and_linear_between():
+    layer_cls = BitLinear
     torch.manual_seed(0)
     layer = layer_cls(24, 8, bias=True)
     x = torch.randn(2, 5, 24, requires_grad=True)
@@ -90,7 +90,7 @@ def test_converting_a_float_checkpoint_with_a_warmup(tiny_cfg, tmp_path, capsys)
                        bit_warmup_iters=4, max_iters=8, eval_interval=4))
     run = start(cfg)
     assert "converting" in capsys.readouterr().out and run.args["bitlinear"]
-    assert all(isinstance(m, FastBitLinear) for m in run.raw_model.transformer.h[0].mlp.children()
+    assert all(isinstance(m, BitLinear) for m in run.raw_model.transformer.h[0].mlp.children()
                if isinstance(m, torch.nn.Linear))
     train(cfg, run)
     evals = {m["step"]: m["val_loss"] for m in read_metrics(cfg["out_dir"]) if "val_loss" in m}
@@ -130,14 +130,16 @@ def test_distillation_adds_the_teachers_term_and_leaves_the_teacher(tiny_cfg, tm
     x, y, _ = batch
     with torch.no_grad():
         logits, ce = plain.model(x, y)
-        want = ce + 0.5 * distill_loss(logits, distilled.teacher(x, y)[0], 2.0)
-    loss, _, _ = train_step(distilled, batch)
+        want = ce + 0.5 * distill_loss(logits, distilled.teacher.model(x, y)[0], 2.0)
+    distilled.batch = batch
+    loss, _ = train_step(distilled)
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
-    loss_plain, _, _ = train_step(plain, batch)
+    plain.batch = batch
+    loss_plain, _ = train_step(plain)
     assert loss_plain.item() == pytest.approx(ce.item(), rel=1e-6)
-    for k, v in distilled.teacher.state_dict().items():
+    for k, v in distilled.teacher.model.state_dict().items():
         assert torch.equal(v, teacher_state[k]), k
-    assert not any(p.requires_grad for p in distilled.teacher.parameters())
+    assert not any(p.requires_grad for p in distilled.teacher.model.parameters())
     train(dict(distilled.cfg, max_iters=12), distilled)  # and the loop runs with it
 
 
@@ -160,7 +162,8 @@ def test_a_teacher_of_another_vocabulary_is_one_line(tiny_cfg, tmp_path):
     with torch.no_grad():
         logits, ce = run.model(x, y)
         want = ce + distill_loss(logits[..., :60], torch.zeros(*logits.shape[:-1], 60), 1.0)
-    assert train_step(run, (x, y, state))[0].item() == pytest.approx(want.item(), rel=1e-6)
+    run.batch = (x, y, state)
+    assert train_step(run)[0].item() == pytest.approx(want.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("bitlinear", [True, False])
@@ -201,7 +204,8 @@ def test_warmup_stable_decay_schedule():
 def test_no_weight_decay_on_latent_weights_reaches_the_optimizer(tiny_cfg):
     run = start(dict(tiny_cfg, bit_decay=False, wd_schedule="two_stage"))
     bit = {id(m.weight) for m in run.raw_model.modules() if isinstance(m, BitLinear)}
-    train_step(run, next_batch(run))
+    run.batch = next_batch(run)
+    train_step(run)
     for g in run.optimizers[0].param_groups:
         if any(id(p) in bit for p in g["params"]):
             assert g["weight_decay"] == 0.0 and not g["decay"]

@@ -2,7 +2,7 @@
 sampling, the HF export and back; and BitNet folders that transformers itself made, in both of
 its weight_scale conventions, imported with --init_from=FOLDER, offline.
 
-The tokenizer is a byte-level BPE trained on Tiny Shakespeare here (a second or two) with LLaMA
+The tokenizer is a byte-level BPE trained on Tiny Shakespeare here (quickly) with LLaMA
 3's pre-tokenizer regex, whose punctuation-then-newline pieces make some chunk cuts inexact (the
 prepare must find the exact ones), and LLaMA 3's special tokens.
 """
@@ -15,9 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from common import run_cli
-from data.loader import read_meta
+import llama.hf_import as hf_import
+from bitlinear.inference import to_integer
+from common import defaults, load_checkpoint, model_from_checkpoint, run_cli
+from data.common import hf_meta
+from data.loader import Data, read_meta
+from data.text.prepare import SETTINGS, prepare
 from data.tokenizer import Tokenizer
+from export import main as export_main
+from llama.hf_import import load_hf, load_hf_model
+from sample import DEFAULTS as SAMPLE
+from sample import generate, sample
+from train import DEFAULTS, resolve, train
 
 tokenizers = pytest.importorskip("tokenizers", reason="tokenizers is not installed: pip install "
                                  "-r requirements-dev.txt (CI installs it)")
@@ -52,8 +61,6 @@ def tokenizer_json(bpe, tmp_path_factory):
 
 
 def prepare_text(path, name, data_dir, **cfg):
-    from common import defaults
-    from data.text.prepare import SETTINGS, prepare
     return prepare(dict(defaults(SETTINGS), input=str(path), name=name, data_dir=str(data_dir),
                         **cfg))
 
@@ -105,8 +112,6 @@ def test_a_separator_becomes_the_end_of_text_token(corpus, bpe, tokenizer_json, 
 
 
 def test_more_than_65536_tokens_are_uint32(bpe, tmp_path):
-    from data.loader import Data
-    from train import DEFAULTS, resolve
     wide = tokenizers.Tokenizer.from_str(bpe.to_str())
     wide.add_tokens([f"<w{i}>" for i in range(65_100)])  # ids up to 65,611
     wide.save(str(tmp_path / "wide.json"))
@@ -117,17 +122,16 @@ def test_more_than_65536_tokens_are_uint32(bpe, tmp_path):
     meta = read_meta(tmp_path / "w")
     assert (meta["vocab_size"], meta["dtype"]) == (VOCAB + 65_100, "uint32")
     cut = int(len(text) * 0.9)  # ASCII: bytes are characters
-    train = ids(tmp_path / "w", "train")
-    assert train == encode(wide, text[:cut])
+    train_ids = ids(tmp_path / "w", "train")
+    assert train_ids == encode(wide, text[:cut])
     assert ids(tmp_path / "w", "val") == encode(wide, text[cut:])
-    assert max(train) == VOCAB + 65_099
+    assert max(train_ids) == VOCAB + 65_099
     cfg = resolve(dict(DEFAULTS, device="cpu", data_dir=str(tmp_path), dataset="w",
                        block_size=32, batch_size=64))
     assert int(Data(cfg, "cpu", seed=0).batch("train")[0].max()) > 65535
 
 
 def test_a_folder_gives_its_eot_and_model_vocab(bpe, tokenizer_json, corpus, tmp_path, capsys):
-    from data.tokenizer import hf_meta
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "tokenizer.json").write_text(tokenizer_json.read_text())
@@ -160,7 +164,6 @@ def test_a_folder_gives_its_eot_and_model_vocab(bpe, tokenizer_json, corpus, tmp
 
 
 def prepare_cli(path, tokenizer, *extra):
-    from data.text.prepare import SETTINGS, prepare
     argv = [f"--input={path}", "--name=x", f"--data_dir={path.parent / 'd'}",
             f"--tokenizer={tokenizer}", *extra]
     return SETTINGS, prepare, "-m data.text.prepare", "", argv
@@ -201,9 +204,6 @@ def hf_data(corpus, tokenizer_json, tmp_path_factory):
 
 
 def test_train_and_sample_with_any_tokenizer(hf_data, tiny_cfg, tmp_path):
-    from sample import DEFAULTS as SAMPLE
-    from sample import sample
-    from train import train
     cfg = dict(tiny_cfg, data_dir=str(hf_data), dataset="bpe", max_iters=2, lr_decay_iters=2,
                warmup_iters=1, eval_interval=2, eval_iters=1)
     assert np.isfinite(train(cfg)["val"])
@@ -231,11 +231,6 @@ def run_hf(fn, *args, **kwargs):
 
 def test_hf_export_round_trip_of_the_tokenizer(train_llama, hf_data, corpus, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from common import load_checkpoint, model_from_checkpoint
-    from export import main as export_main
-    from llama.hf_import import load_hf
-    from sample import generate
     out = train_llama(data_dir=str(hf_data), dataset="bpe", max_iters=2, lr_decay_iters=2,
                       warmup_iters=1, eval_interval=2, subln=True, tie_embeddings=True)
     export_main([f"--out_dir={out}", "--format=hf", f"--to={tmp_path / 'hf'}"])
@@ -298,12 +293,6 @@ def transformers_bitnet_folder(folder, tok, linear_class, seed=0):
 def test_transformers_bitnet_folders_import_and_fine_tune(linear_class, bpe, corpus, tmp_path,
                                                           tiny_cfg):
     from transformers import AutoModelForCausalLM
-
-    from bitlinear import to_integer
-    from llama.hf_import import load_hf_model
-    from sample import DEFAULTS as SAMPLE
-    from sample import sample
-    from train import train
     folder = transformers_bitnet_folder(tmp_path / "bitnet", bpe, linear_class)
     model, args, meta = load_hf_model(folder)
     assert (args["mlp"], args["subln"], args["tie_embeddings"], args["rope_theta"]) == (
@@ -315,7 +304,7 @@ def test_transformers_bitnet_folders_import_and_fine_tune(linear_class, bpe, cor
     with torch.no_grad():
         got = to_integer(model.eval())(ids, targets=ids)[0]
     assert expected.std() > 0.1  # logits that tell tokens apart, not a flat start
-    assert (got - expected).abs().max() < 1e-5  # measured 3e-7; the other meaning: 0.6
+    assert (got - expected).abs().max() < 1e-5  # weight_scale's other meaning is far off
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     # data prepared with the folder's tokenizer fits it: fine-tune 2 steps, then sample
     small = tmp_path / "small.txt"
@@ -331,7 +320,6 @@ def test_transformers_bitnet_folders_import_and_fine_tune(linear_class, bpe, cor
 
 
 def test_import_holds_one_tensor_at_a_time(bpe, tmp_path, monkeypatch):
-    import llama.hf_import as hf_import
     folder = transformers_bitnet_folder(tmp_path / "bitnet", bpe, "bitlinear")
     read, alive, most = hf_import.read_tensor, [], []
 

@@ -13,8 +13,7 @@ folder, GGUF with TQ2_0 and TQ1_0, or Q4_0 where the widths fill no block of 256
   - speed at batch 1, greedy, `threads` threads: llama.cpp's prompt processing (one eval of
     prompt_tokens random token ids) and decode (new_tokens single-token evals), best of
     `repeats`, next to BitGPT's integer path on the .bitnet file, timed the same way in its own
-    process by tools/bench_inference.py, its decode steps by the model (the reference), by
-    bitlinear/decode.py's Decoder (as sample.py runs them) and by that Decoder compiled;
+    process by tools/bench_inference.py (the model's own steps, as sample.py runs them);
   - greedy continuations of --start from llama.cpp and from BitGPT.
 A part whose library is not installed (transformers, llama-cpp-python) is skipped, saying so.
 """
@@ -26,10 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitlinear import kernels, to_integer
+import bitlinear.kernels as kernels
+from bitlinear.inference import to_integer
 from bitlinear.pack import BLOCK
 from common import ConfigError, defaults, load_checkpoint, model_from_checkpoint, run_cli
+from data.loader import read_meta
+from data.tokenizer import Tokenizer
 from export import main as export_main
+from sample import generate
 from tools import bench_inference
 
 SETTINGS = dict(
@@ -42,8 +45,6 @@ SETTINGS = dict(
     seed=(0, "random seed of the prompt"),
     start=("ROMEO:", "the prompt of the greedy continuations"),
     gen_tokens=(60, "tokens of each greedy continuation"),
-    compile=("auto", "also time BitGPT's compiled decode step (LLaMA; its compile time is said); "
-                     "'auto': when new_tokens * repeats >= 64"),
 )
 DEFAULTS = defaults(SETTINGS)
 
@@ -59,7 +60,6 @@ def have(module):
 
 def val_windows(ckpt, n, block):
     """n windows of block tokens from the start of the checkpoint's val split."""
-    from data.loader import read_meta
     folder = Path(ckpt["config"]["data_dir"]) / ckpt["config"]["dataset"]
     if not (folder / "val.bin").is_file():
         raise ConfigError(f"no {folder}/val.bin to measure agreement on; prepare the dataset or "
@@ -129,8 +129,6 @@ def llama_cpp_speed(path, prompt, new_tokens, repeats, threads, n_ctx):
 
 def continuations(cfg, model, gguf_path, meta):
     """{'BitGPT': text, 'llama.cpp': text}: greedy continuations of --start."""
-    from data.tokenizer import Tokenizer
-    from sample import generate
     tok = Tokenizer(meta)
     ids = torch.tensor([tok.encode(cfg["start"])])
     n = cfg["gen_tokens"]
@@ -193,57 +191,40 @@ def bench(cfg):
             for path in ggufs:
                 name = f"llama.cpp {path.stem.upper()} vs BitGPT's integer path"
                 report(results["agreement"], name, llama_cpp_agreement(integer, path, windows), n)
-        results["speed"], results["decode_paths"] = speed(
-            cfg, ckpt, tmp / "model.bitnet", gguf_path, c.block_size, c.vocab_size)
+        results["speed"] = speed(cfg, ckpt, tmp / "model.bitnet", gguf_path, c.block_size,
+                                 c.vocab_size)
         print(f"greedy continuations of {cfg['start']!r}:")
         results["text"] = continuations(cfg, integer, gguf_path, ckpt.get("meta"))
     return results
 
 
-DECODE_PATHS = {"model": "BitGPT .bitnet, the model's steps", "fast": "BitGPT .bitnet, Decoder",
-                "compiled": "BitGPT .bitnet, Decoder compiled"}
-
-
 def speed(cfg, ckpt, bitnet_path, gguf_path, block, vocab):
-    """({path: (prompt tok/s, decode tok/s)} for BitGPT's integer path as sample.py runs it and
-    for llama.cpp, {BitGPT decode path: (prompt tok/s, decode tok/s)} with 'compile_seconds')."""
+    """{path: (prompt tok/s, decode tok/s)} for BitGPT's integer path as sample.py runs it and
+    for llama.cpp."""
     if cfg["prompt_tokens"] + cfg["new_tokens"] + 1 > block:
         raise ConfigError(f"prompt_tokens + new_tokens must be below block_size={block}")
     g = torch.Generator().manual_seed(cfg["seed"])
     prompt = torch.randint(0, vocab, (cfg["prompt_tokens"],), generator=g)
     print(f"speed: batch 1, greedy, {cfg['threads']} threads, prompt {cfg['prompt_tokens']} random "
           f"tokens, then {cfg['new_tokens']} single-token steps; best of {cfg['repeats']}; "
-          f"BitGPT's integer sums by {kernels.CPU_KERNEL}; BitGPT's decode steps by the model "
-          f"(the reference), by bitlinear/decode.py's Decoder (sample.py's), and compiled:")
-    compile = cfg["compile"] is True or (cfg["compile"] == "auto"
-                                         and cfg["new_tokens"] * cfg["repeats"] >= 64)
+          f"BitGPT's integer sums by {kernels.CPU_KERNEL}, its decode steps by the model's "
+          f"forward with the KV cache:")
     job = dict(kind="packed", path=str(bitnet_path), arch=ckpt["arch"],
                model_args=ckpt["model_args"], prompt=prompt.tolist(),
                new_tokens=cfg["new_tokens"], repeats=cfg["repeats"], threads=cfg["threads"])
-    runs = {how: bench_inference.run_path(dict(job, decode=how))
-            for how in ("model", "fast", "compiled")[:3 if compile else 2]}
-    rows = [(DECODE_PATHS[how], r["prefill"], r["decode"]) for how, r in runs.items()
-            if r["decoder"] == how or how == "model"]  # a path that fell back is not listed
+    ours = bench_inference.run_path(job)
+    rows = [("BitGPT integer path (.bitnet)", ours["prefill"], ours["decode"])]
     if gguf_path is not None:
         rows.append((f"llama.cpp {gguf_path.stem.upper()} (.gguf)", *llama_cpp_speed(
             gguf_path, prompt.tolist(), cfg["new_tokens"], cfg["repeats"], cfg["threads"],
             block)))
     rates = {name: (cfg["prompt_tokens"] / p, cfg["new_tokens"] / d) for name, p, d in rows}
-    seconds = runs.get("compiled", {}).get("compile_seconds")
     for name, (p, d) in rates.items():
-        note = f"   (its first step, compiling: {seconds:.1f} s)" if "compiled" in name else ""
-        print(f"  {name:36s} prompt {p:9.1f} tok/s   decode {d:8.1f} tok/s{note}")
-    theirs = rates.get(rows[-1][0]) if gguf_path is not None else None
-    if theirs:
-        print("  decode, BitGPT / llama.cpp: " + ", ".join(
-            f"{name.split(', ')[1]} {d / theirs[1]:.2f}x" for name, (_, d) in rates.items()
-            if name.startswith("BitGPT")))
-    paths = {how: rates[DECODE_PATHS[how]] for how in runs if DECODE_PATHS[how] in rates}
-    ours = paths.get("fast", paths["model"])
-    headline = {"BitGPT integer path (.bitnet)": ours}
-    if theirs:
-        headline[rows[-1][0]] = theirs
-    return headline, dict(paths, compile_seconds=seconds)
+        print(f"  {name:36s} prompt {p:9.1f} tok/s   decode {d:8.1f} tok/s")
+    if gguf_path is not None:
+        (_, (_, d_ours)), (_, (_, d_theirs)) = rates.items()
+        print(f"  decode, BitGPT / llama.cpp: {d_ours / d_theirs:.2f}x")
+    return rates
 
 
 def main(argv=None):

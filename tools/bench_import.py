@@ -1,6 +1,6 @@
 """Importing a big transformers folder: a BitNet b1.58 2B4T-shaped one, random weights.
 
-    python -m tools.bench_import                     # 30 layers: the full 2.4B shape (~1.2 GB)
+    python -m tools.bench_import                     # 30 layers: the full 2.4B shape
     python -m tools.bench_import --layers=4          # a quick run
 
 Step 1 (its own process) makes the folder, unless it is there already: transformers' BitNetConfig
@@ -14,7 +14,7 @@ Step 2 (a fresh process, so step 1's memory does not count) imports it with
 llama.hf_import.load_hf_model (what --init_from=FOLDER runs), reporting the wall time and the
 peak resident memory (VmHWM) against the float32 model's bytes, then samples new_tokens tokens
 from it as sample.py does (Tokenizer(meta), generate, decode), on the integer path by default:
-the float model ternarizes 2.1B weights again at every token, minutes a token on 2 cores.
+the float model ternarizes its 2.1B weights again at every token.
 """
 
 import json
@@ -27,7 +27,12 @@ from pathlib import Path
 
 import torch
 
+from bitlinear.inference import to_integer
 from common import defaults, run_cli
+from data.common import tinyshakespeare_text
+from data.tokenizer import Tokenizer
+from llama.hf_import import load_hf_model
+from sample import generate
 
 SETTINGS = dict(
     folder=("/tmp/bitnet-2b4t-shape", "the folder to make (once: kept, reused when present)"),
@@ -57,11 +62,10 @@ def vm_hwm():
 def make_tokenizer(folder):
     """A byte-level BPE of LLaMA 3's size: merges trained on Tiny Shakespeare, the vocabulary
     filled to 128,000 with tokens no merge makes, then 256 special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as BPETokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from data.common import tinyshakespeare_text
-    tok = Tokenizer(models.BPE())
+    tok = BPETokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([tinyshakespeare_text(folder)], trainers.BpeTrainer(
@@ -69,7 +73,7 @@ def make_tokenizer(folder):
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
     vocab.update({f"<filler_{i}>": i for i in range(len(vocab), TOKENS)})
-    tok = Tokenizer.from_str(json.dumps(spec))
+    tok = BPETokenizer.from_str(json.dumps(spec))
     names = ["<|begin_of_text|>", "<|end_of_text|>"]
     tok.add_special_tokens(names + [f"<|reserved_special_token_{i}|>"
                                     for i in range(SPECIAL - len(names))])
@@ -136,10 +140,6 @@ def make(cfg):
 
 def import_and_sample(cfg):
     """Step 2: load_hf_model, timed and measured, then a few sampled tokens."""
-    from bitlinear import to_integer
-    from data.tokenizer import Tokenizer
-    from llama.hf_import import load_hf_model
-    from sample import generate
     before = vm_hwm()
     t0 = time.perf_counter()
     model, args, meta = load_hf_model(cfg["folder"])

@@ -10,10 +10,9 @@ run of this architecture stores and computes), and (b) the .bitnet file export.p
 loaded and run in a fresh process, so each peak RSS is that path's own (Python and torch, loading
 the file, generating). Both get the same prompt (random token ids, fixed seed) and run the same
 steps greedily at batch 1 with a KV cache: prefill is one forward over the prompt into an empty
-cache; decode is new_tokens single-token steps, each feeding the previous argmax. The .bitnet
-model decodes as sample.py does, by bitlinear/decode.py's Decoder (--decode=model: by its forward;
---decode=compiled: the compiled Decoder, whose first, compiling, step is reported). Times are
-the best of `repeats` rounds (other processes on the machine only ever slow a round down).
+cache; decode is new_tokens single-token steps of the model's own forward, each feeding the
+previous argmax, as sample.generate runs them. Times are the best of `repeats` rounds (other
+processes on the machine only ever slow a round down).
 """
 
 import copy
@@ -23,23 +22,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from bitlinear import BitLinear, kernels
+import bitlinear.kernels as kernels
 from bitlinear.inference import shell_model
+from bitlinear.layer import BitLinear
 from bitlinear.packed_file import save_packed, ternary_bits_per_weight
 from common import (
     ConfigError,
     build_model,
     defaults,
     load_checkpoint,
-    load_model,
     model_from_checkpoint,
     run_cli,
 )
-from sample import KVCache
+from data.loader import Data
+from sample import KVCache, load_model
+from train import estimate_loss
 
 SETTINGS = dict(
     ckpt=("out/ckpt.pt", "the training checkpoint to benchmark"),
@@ -52,8 +54,6 @@ SETTINGS = dict(
     embed_int8=(False, "the .bitnet file's embeddings and head as int8, as export.py --embed_int8"),
     val_batches=(0, "> 0: also the val loss of the training model and the .bitnet file"),
     kernel=("", "integer sums on CPU: 'int_mm' or 'fbgemm'; empty: this machine's pick"),
-    decode=("fast", "the .bitnet model's decode steps: 'model' (its forward), 'fast' "
-                    "(bitlinear/decode.py), 'compiled' (that, torch.compiled; LLaMA)"),
 )
 DEFAULTS = defaults(SETTINGS)
 
@@ -115,31 +115,21 @@ def peak_rss_mb():
 
 
 @torch.no_grad()
-def timed_generation(model, prompt, new_tokens, decoder=None):
-    """(prefill seconds, decode seconds, tokens): greedy, batch 1, KV cache; the decode steps
-    by decoder (bitlinear/decode.py) when given, else by the model."""
+def timed_generation(model, prompt, new_tokens):
+    """(prefill seconds, decode seconds, tokens): greedy, batch 1, KV cache, the steps
+    sample.generate runs."""
     cache = KVCache(model.config.n_layer, model.config.block_size)
-    step = decoder or (lambda ids, c: model(ids, cache=c)[0])
     t0 = time.perf_counter()
     logits, _ = model(prompt, cache=cache)
     cache.length = prompt.size(1)
     t1 = time.perf_counter()
     tokens = [logits[:, -1].argmax(-1, keepdim=True)]
     for _ in range(new_tokens):
-        logits = step(tokens[-1], cache)
+        logits, _ = model(tokens[-1], cache=cache)
         cache.length += 1
         tokens.append(logits[:, -1].argmax(-1, keepdim=True))
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, torch.cat(tokens, 1)[0].tolist()
-
-
-def decoder_for(model, how):
-    """The decode steps job['decode'] asks for: None (the model's), a Decoder, or a compiled
-    one (None where Decoder does not run the model)."""
-    from bitlinear import decode
-    if how == "model" or not decode.supports(model):
-        return None
-    return decode.Decoder(model, compile=how == "compiled")
 
 
 def worker(job):
@@ -154,26 +144,17 @@ def worker(job):
     else:
         model, _ = load_model(job["path"])
     model.eval()
-    decoder = decoder_for(model, job.get("decode", "fast")) if job["kind"] == "packed" else None
     prompt = torch.tensor([job["prompt"]])
-    runs = [timed_generation(model, prompt, job["new_tokens"], decoder)
-            for _ in range(job["repeats"])]
+    runs = [timed_generation(model, prompt, job["new_tokens"]) for _ in range(job["repeats"])]
     print(json.dumps({"prefill": min(r[0] for r in runs), "decode": min(r[1] for r in runs),
                       "tokens": runs[0][2], "weights": weight_bytes(model),
                       "rss_before": before, "rss_peak": peak_rss_mb(),
-                      "threads": torch.get_num_threads(),
-                      "decoder": None if decoder is None else "compiled" if decoder.compiled
-                      else "fast",
-                      "compile_seconds": decoder and decoder.compile_seconds}))
+                      "threads": torch.get_num_threads()}))
 
 
 def val_losses(ckpt, models, n_batches):
     """Each model's val loss as training measures it (train.estimate_loss, the run's batch size
     and seed): the same n_batches batches of the checkpoint's val.bin for every model."""
-    from contextlib import nullcontext
-
-    from data.loader import Data
-    from train import estimate_loss
     cfg = dict(ckpt["config"], eval_iters=n_batches)
     data = Data(cfg, "cpu", cfg["seed"])
     return {name: estimate_loss(m, data, cfg, nullcontext(), splits=("val",))["val"]
@@ -189,11 +170,6 @@ def run_path(job):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def compile_note(results):
-    seconds = results["packed"].get("compile_seconds")
-    return "" if seconds is None else f" (the first, compiling, took {seconds:.1f} s)"
-
-
 def bench(cfg):
     ckpt = load_checkpoint(cfg["ckpt"])
     trained = model_from_checkpoint(ckpt, cfg["ckpt"]).eval()
@@ -202,14 +178,12 @@ def bench(cfg):
         raise ConfigError(f"prompt_tokens + new_tokens must fit block_size={block}")
     if cfg["kernel"] not in ("", "int_mm", "fbgemm"):
         raise ConfigError(f"kernel '{cfg['kernel']}' is not 'int_mm' or 'fbgemm'")
-    if cfg["decode"] not in ("model", "fast", "compiled"):
-        raise ConfigError(f"decode '{cfg['decode']}' is not 'model', 'fast' or 'compiled'")
     kernel = cfg["kernel"] or kernels.CPU_KERNEL
     g = torch.Generator().manual_seed(cfg["seed"])
     prompt = torch.randint(0, trained.config.vocab_size, (cfg["prompt_tokens"],), generator=g)
     job = dict(arch=ckpt["arch"], model_args=ckpt["model_args"], prompt=prompt.tolist(),
                new_tokens=cfg["new_tokens"], repeats=cfg["repeats"], threads=cfg["threads"],
-               kernel=kernel, decode=cfg["decode"])
+               kernel=kernel)
     names = {"float": "float32 (nn.Linear)", "packed": "packed int8 x ternary"}
     with tempfile.TemporaryDirectory() as tmp:
         files = write_files(trained, ckpt, tmp, cfg["float_dtype"], cfg["embed_int8"])
@@ -225,8 +199,7 @@ def bench(cfg):
     print(f"model: {ckpt['arch']}, {n_params / 1e6:.2f}M parameters; {threads} threads; "
           f"batch 1, greedy, KV cache; prompt {cfg['prompt_tokens']} random tokens (prefill: one "
           f"forward), then {cfg['new_tokens']} single-token forwards (decode); best of "
-          f"{cfg['repeats']}; each model in its own process; integer sums by {kernel}; packed "
-          f"decode steps: {results['packed']['decoder'] or 'the model'}{compile_note(results)}")
+          f"{cfg['repeats']}; each model in its own process; integer sums by {kernel}")
     for name, size in sizes.items():
         print(f"  file {name:34s} {size:>14,} bytes")
     print(f"  linear layers: {bits['2bit']:.3f} bits/weight (2bit), {bits['base3']:.3f} (base3)")

@@ -19,12 +19,13 @@ import json
 import sys
 from pathlib import Path
 
-from bench import weight_bytes
 from common import ConfigError, defaults, parse_args, run_cli
-from tools.plot import read_metrics
-from train import DEFAULTS as TRAIN_DEFAULTS
-from train import SETTINGS as TRAIN_SETTINGS
-from train import resolve, start, train
+from configs import DEFAULTS as TRAIN_DEFAULTS
+from configs import SETTINGS as TRAIN_SETTINGS
+from configs import resolve
+from configs.table import config_files, weight_bytes
+from tools.plot import plot_curves, plot_sizes, read_metrics
+from train import start, train
 
 ROOT = Path(__file__).resolve().parents[1]  # the repo: configs/ is there
 SWEEP_SETTINGS = dict(
@@ -73,7 +74,7 @@ def run_one(config, flags, out_dir):
 
 def table(results, variants):
     """Markdown: one row per config, val loss (and bits per byte) per variant, wall times, bytes
-    of weights (bench.weight_bytes: ternary weights at 2 bits, the rest at 16)."""
+    of weights (configs.table.weight_bytes: ternary weights at 2 bits, the rest at 16)."""
     pair = {"ternary", "float"} <= set(variants)
     head = ["config", "params"] + [f"{v} val loss" for v in variants]
     head += ["ternary - float"] if pair else []
@@ -101,7 +102,7 @@ def sweep(argv):
     variants = parse_variants(cfg["variants"])
     configs = [c.strip() for c in cfg["configs"].split(",") if c.strip()]
     for c in configs:
-        if not (ROOT / "configs" / f"{c}.py").is_file():
+        if c not in {p.stem for p in config_files()}:
             raise ConfigError(f"no config 'configs/{c}.py' (python train.py --list_configs)")
     root = Path(cfg["sweep_dir"])
     results = {}
@@ -115,7 +116,6 @@ def sweep(argv):
     text = table(results, list(variants))
     (root / "results.md").write_text(f"python -m tools.sweep {' '.join(argv)}\n\n{text}\n")
     print(text)
-    from tools.plot import plot_curves, plot_sizes
     plot_curves([root / f"{c}-{v}" for c in configs for v in variants], root / "curves.png")
     if len(configs) > 1:
         plot_sizes([{"params": r[next(iter(r))]["params"], **{v: r[v]["val_loss"] for v in r},

@@ -9,8 +9,9 @@ output, which 1-bit (+-1) weights cannot do. The scale is s = 1/mean|W| of the l
 
 import torch
 
-from bitlinear import BitLinear, ternarize
+from bitlinear.layer import BitLinear, ternarize
 from common import ConfigError, defaults, load_checkpoint, model_from_checkpoint, run_cli
+from tools.plot import pyplot, save
 
 SETTINGS = dict(
     ckpt=("out/ckpt.pt", "the training checkpoint whose ternary weights to count"),
@@ -31,7 +32,6 @@ def ternary_shares(model):
 
 
 def plot_shares(rows, path):
-    from tools.plot import pyplot, save
     plt = pyplot()
     names = [r[0] for r in rows]
     fig, ax = plt.subplots(figsize=(10, max(3, 0.22 * len(rows))))

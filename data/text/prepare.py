@@ -30,8 +30,16 @@ from pathlib import Path
 import numpy as np
 
 from common import defaults, run_cli
-from data.common import DataError, DatasetWriter, char_boundary, char_meta, gpt2_meta, read_utf8
-from data.tokenizer import Tokenizer, hf_meta
+from data.common import (
+    DataError,
+    DatasetWriter,
+    char_boundary,
+    char_meta,
+    gpt2_meta,
+    hf_meta,
+    read_utf8,
+)
+from data.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = {
