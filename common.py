@@ -1,15 +1,11 @@
-"""What every entry (train.py, sample.py, export.py, bench.py, tools/) shares: the config system,
-one-line errors, devices, atomic writes, and models and checkpoints by name. It imports nothing
-of the project but the model file an architecture names.
+"""What every entry shares: the config system, one-line errors, devices, atomic writes, and
+models and checkpoints by name. It imports nothing of the project but the model file an arch
+names.
 
-The config system is nanoGPT's: config files set values, --key=value overrides them.
-
-    python train.py configs/gpt_10m.py --batch_size=32 --compile=False
-
-Every value is checked against the defaults before any work starts: an unknown key or a value of
-the wrong type ends the program with one line naming the key (and the close matches).
-Command-line values are parsed with ast.literal_eval, never eval; config files are Python files
-that assign keys, run in their own namespace (they are code, as in nanoGPT: run only your own).
+The config system is nanoGPT's: config files (Python that assigns keys, run in their own
+namespace: run only your own) set values, --key=value overrides them, parsed with
+ast.literal_eval. Every value is checked against the defaults before any work starts: an unknown
+key or a value of the wrong type ends the program with one line naming the key.
 """
 
 import ast

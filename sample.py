@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from bitlinear.layer import frozen_weights
 from common import (
     ConfigError,
     defaults,
@@ -121,7 +122,7 @@ def load_model(path):
         from llama.hf_import import inference_model
         return inference_model(path)
     if path.suffix == ".bitnet" or path.is_file() and first_bytes(path) == b"BITNET":
-        from bitlinear.packed_file import inference_model  # seam: packed files
+        from bitlinear.packed_model import inference_model  # seam: packed files
         return inference_model(path)
     ckpt = load_checkpoint(path)
     return model_from_checkpoint(ckpt, path), ckpt.get("meta")
@@ -166,7 +167,7 @@ def sample(cfg):
     ctx = (nullcontext() if dtype == "float32"
            else torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype)))
     texts = []
-    with ctx:
+    with ctx, frozen_weights(model):
         for _ in range(cfg["num_samples"]):
             y = generate(model, x, cfg["max_new_tokens"], cfg["temperature"],
                          cfg["top_k"] or None, generator)

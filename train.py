@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from bitlinear.layer import BitLinear, set_quantization
+from bitlinear.layer import BitLinear, frozen_weights, set_quantization
 from common import (
     ConfigError,
     UserError,
@@ -45,6 +45,7 @@ from configs import DEFAULTS, SETTINGS, resolve
 from data.loader import Data
 
 GPT2_TOKENS = 50257  # GPT-2's vocabulary; its datasets record 50304, padded for speed
+
 
 class TrainingError(UserError):
     """A diverged loss; the message says what to try."""
@@ -171,18 +172,20 @@ def estimate_loss(model, data, cfg, ctx, stop=lambda: False, splits=("train", "v
     Returns None, unfinished, as soon as stop() is true (a signal should not wait for it)."""
     out = {}
     model.eval()
-    for split in splits:
-        gen = torch.Generator().manual_seed(cfg["seed"] + 1)
-        losses = torch.zeros(cfg["eval_iters"])
-        for k in range(cfg["eval_iters"]):
-            if stop():
-                model.train()
-                return None
-            x, y = data.batch(split, gen)
-            with ctx:
-                _, loss = model(x, y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+    # FSDP holds shards outside a forward: its BitLinear layers quantize in their forwards
+    with nullcontext() if cfg["fsdp"] else frozen_weights(model):
+        for split in splits:
+            gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+            losses = torch.zeros(cfg["eval_iters"])
+            for k in range(cfg["eval_iters"]):
+                if stop():
+                    model.train()
+                    return None
+                x, y = data.batch(split, gen)
+                with ctx:
+                    _, loss = model(x, y)
+                losses[k] = loss.item()
+            out[split] = losses.mean().item()
     model.train()
     return out
 

@@ -16,6 +16,8 @@ The models build this layer (bitlinear=False builds nn.Linear in its place). The
 integer inference (bitlinear/inference.py) use them.
 """
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -115,17 +117,38 @@ class BitLinear(nn.Linear):
         self.eps = eps
         self.norm = RMSNorm(in_features) if norm else None
         self.lam = None  # the quantization warm-up's strength, a 0-d tensor (set_quantization)
+        self.frozen_w_q = None  # W_q made once for a stretch of forwards (frozen_weights)
 
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
         x_q = straight_through(blend(activation_quant(x, self.eps), x, self.lam), x)
-        w_q = straight_through(blend(weight_quant(self.weight, self.eps), self.weight, self.lam),
-                               self.weight)
+        w_q = self.quantized_weight() if self.frozen_w_q is None else self.frozen_w_q
         return F.linear(x_q, w_q, self.bias)
+
+    def quantized_weight(self):
+        """W_q, with the straight-through gradient to the latent weight."""
+        w = self.weight
+        return straight_through(blend(weight_quant(w, self.eps), w, self.lam), w)
 
     def extra_repr(self):
         return super().extra_repr() + f", norm={self.norm is not None}"
+
+
+@contextmanager
+def frozen_weights(model):
+    """Within the block every BitLinear uses the W_q made on entry, for forwards that cannot
+    change the weights (an evaluation, generation): else each forward quantizes every weight
+    again, which costs as much as the rest of an evaluation forward of a small model."""
+    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+    with torch.no_grad():
+        for m in layers:
+            m.frozen_w_q = m.quantized_weight()
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.frozen_w_q = None
 
 
 def make_linear(in_features, out_features, bias=False, bitlinear=True, norm=False):

@@ -31,15 +31,14 @@ Both are still read. A file with another magic or version, a bad header, or data
 early is refused with one line (PackedFileError). Nothing is read or allocated on a header's
 word alone: its length must fit the file, every entry's offset and nbytes must lie inside the
 data (aligned, not overlapping), nbytes must be what its kind and shape take, and model_args
-must describe a model whose state is exactly the tensors the file holds (shell_for: the model's
-shell is built within a budget set by the file, before any tensor is read).
+must describe a model whose state is exactly the tensors the file holds (bitlinear/packed_model.py
+builds the model's shell within a budget set by the file, before any tensor is read).
 
 16-bit floats by default: float16 (export.py --float_dtype=fp16) keeps 3 more mantissa bits than
 bfloat16 and runs exactly through fbgemm's fp16 GEMM (bitlinear.inference.Linear16); its range
 (|x| <= 65504) is checked at export, and a model that exceeds it needs bf16 or fp32.
 """
 
-import dataclasses
 import json
 import math
 import struct
@@ -47,16 +46,9 @@ from pathlib import Path
 
 import torch
 
-from bitlinear.inference import (
-    BuildTooLarge,
-    TernaryLinear,
-    load_integer_state,
-    shell_model,
-    to_integer,
-)
 from bitlinear.layer import BitLinear, activation_quant_int, ternarize
 from bitlinear.pack import pack_2bit, pack_base3, unpack_2bit, unpack_base3
-from common import ARCHS, CheckpointError, atomic_path, build_model, first_line, model_classes
+from common import atomic_path
 
 MAGIC = b"BITNET\x00\x01"
 FORMAT_VERSION = 3
@@ -172,7 +164,7 @@ def entry_nbytes(kind, shape):
     return n * (1 if kind == "int8" else FLOAT_KINDS[kind].itemsize)
 
 
-def _is_int(x):
+def is_int(x):
     return type(x) is int  # not bool, which is an int to Python
 
 
@@ -251,13 +243,13 @@ def _check_entry(e, i, path):
     name, kind, shape = e["name"], e.get("kind"), e.get("shape")
     if kind not in KINDS:
         raise _bad_header(path, f"tensor {name} has kind {kind!r}, not one of {', '.join(KINDS)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise _bad_header(path, f"tensor {name} has shape {shape!r}, not a list of sizes")
     if (kind in PACKERS or kind == "int8") and len(shape) != 2:
         raise PackedFileError(f"'{path}' is corrupt: tensor {name} does not match its header "
                               f"entry ({kind} {shape} is not (rows, columns))")
     for key in ("offset", "nbytes"):
-        if not _is_int(e.get(key)) or e[key] < 0:
+        if not is_int(e.get(key)) or e[key] < 0:
             raise _bad_header(path, f"tensor {name} has {key} {e.get(key)!r}, not a byte count")
     if e["offset"] % ALIGN:
         raise _bad_header(path, f"tensor {name} has offset {e['offset']}, not a multiple of "
@@ -314,136 +306,3 @@ def load_packed(path, check=None):
     for name, target in header["aliases"].items():
         state[name] = state[target]
     return header, state
-
-
-# ---- the model a header describes, within what the file holds ---------------------------
-
-def _check_args(arch, args, path):
-    """Refuse model_args whose arch this code does not build, or whose values are not of the
-    types of the arch's config (sizes: positive ints, or 0 where 0 is the default)."""
-    if arch not in ARCHS:
-        raise PackedFileError(f"'{path}' holds a '{arch}' model; this code builds "
-                              f"{', '.join(sorted(ARCHS))}")
-    fields = {f.name: f.default for f in dataclasses.fields(model_classes(arch)[1])}
-    for key, value in args.items():
-        if key not in fields:
-            raise PackedFileError(f"'{path}' has model_args key '{key}', which this code's "
-                                  f"{arch} model does not take (a file of another version?)")
-        default = fields[key]
-        if isinstance(default, bool):
-            ok, want = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok = _is_int(value) and (value > 0 or value == 0 == default)
-            want = "a non-negative integer" if default == 0 else "a positive integer"
-        elif isinstance(default, float):
-            ok = type(value) in (int, float) and math.isfinite(value)
-            want = "a finite number"
-        elif isinstance(default, str):
-            ok, want = isinstance(value, str), "a string"
-        else:
-            ok, want = True, ""
-        if not ok:
-            raise PackedFileError(f"'{path}' is corrupt: model_args {key}={value!r} is not "
-                                  f"{want}")
-    sizes = {**fields, **args}
-    if {"n_embd", "n_head"} <= sizes.keys() and sizes["n_embd"] % sizes["n_head"]:
-        raise PackedFileError(f"'{path}' is corrupt: model_args n_head={sizes['n_head']} does not "
-                              f"divide n_embd={sizes['n_embd']}")
-
-
-def _file_tensors(header):
-    """{name: (shape, kind)} of the state a header's file loads ("scale": a ternary scale)."""
-    table = {}
-    for e in header["tensors"]:
-        table[e["name"]] = (tuple(e["shape"]), e["kind"])
-        if "scale" in e:
-            table[e["name"].removesuffix("weight") + "weight_scale"] = ((), "scale")
-    for name, target in header["aliases"].items():
-        table[name] = table[target]
-    return table
-
-
-def shell_for(header, path):
-    """The integer model's shell (shell_model) that a header's model_args describe, refused in
-    one line (PackedFileError) unless it fits the tensors the file holds: the build stops as
-    soon as it makes more than the file's tensors allow (a small file claiming a huge model
-    costs nothing), and the shell's names, shapes and kinds must be the header's table."""
-    arch, args = header["arch"], header["model_args"]
-    _check_args(arch, args, path)
-    table = _file_tensors(header)
-    values = sum(math.prod(shape) for shape, _ in table.values())
-    try:  # the build makes each tensor about twice (BitLinear, then TernaryLinear), and RoPE
-        model = shell_model(lambda: to_integer(build_model(arch, args), quantize=False),
-                            values=3 * values + 2**24, tensors=8 * len(table) + 256)
-    except BuildTooLarge:
-        raise PackedFileError(f"'{path}' is corrupt: its model_args describe a {arch} model "
-                              f"larger than the {values} values of the tensors it holds"
-                              ) from None
-    except Exception as e:  # any failure of the build means: args this code cannot build
-        why = first_line(e)
-        why = why if why == type(e).__name__ else f"{type(e).__name__}: {why}"
-        raise PackedFileError(f"'{path}' is corrupt: its model_args do not build a {arch} model "
-                              f"({why})") from None
-    modules = dict(model.named_modules())
-    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for key, shape in state.items():
-        if key not in table:
-            raise PackedFileError(f"'{path}' is corrupt: it lacks tensor {key}, which its "
-                                  f"model_args' {arch} model has")
-        stored, kind = table[key]
-        if stored != shape:
-            raise PackedFileError(f"'{path}' is corrupt: tensor {key} is {list(stored)} in the "
-                                  f"file, but its model_args make it {list(shape)}")
-        owner, _, leaf = key.rpartition(".")
-        module = modules[owner]
-        if isinstance(module, TernaryLinear) and leaf in ("weight", "weight_scale"):
-            ok = kind in PACKERS if leaf == "weight" else kind == "scale"
-        elif kind == "int8":
-            ok = leaf == "weight" and type(module) in (torch.nn.Embedding, torch.nn.Linear)
-        else:
-            ok = kind in FLOAT_KINDS
-        if not ok:
-            raise PackedFileError(f"'{path}' is corrupt: tensor {key} is stored as {kind}, which "
-                                  f"its {type(module).__name__} cannot take")
-    int8_scales = set()
-    for key, (shape, kind) in table.items():
-        if kind == "int8":  # its rows' scales come as a float32 tensor beside it
-            scale = key.removesuffix("weight") + "weight_scale"
-            if table.get(scale) != (shape[:1], "float32"):
-                raise PackedFileError(f"'{path}' is corrupt: int8 tensor {key} lacks its float32 "
-                                      f"{scale} of one scale per row ({shape[0]})")
-            int8_scales.add(scale)
-    for key in table:
-        if key not in state and key not in int8_scales:
-            raise PackedFileError(f"'{path}' is corrupt: it holds tensor {key}, which its "
-                                  f"model_args' {arch} model does not have")
-    return model
-
-
-def load_integer_model(path):
-    """(the integer model, header) of a .bitnet file.
-
-    The header is checked first, against the file and against the model its model_args
-    describe (shell_for), before any tensor is read. The model is then built as a shell
-    (shell_model) and takes the file's tensors as they are read: no float copy of the ternary
-    weights is ever made, so memory is what the integer model holds.
-    """
-    shell = []
-    header, state = load_packed(path, check=lambda h: shell.append(shell_for(h, path)))
-    return load_integer_state(shell[0], state), header
-
-
-def inference_model(path):
-    """(the integer model, meta) of a .bitnet file, for sample.py; any file this code cannot
-    run is refused in one line (CheckpointError)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no file at '{path}'; make one with python export.py")
-    try:
-        model, header = load_integer_model(path)
-    except PackedFileError as e:
-        raise CheckpointError(str(e)) from None
-    except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"'{path}' does not fit this code's models "
-                              f"({type(e).__name__}: {first_line(e)})") from None
-    return model, header.get("meta")

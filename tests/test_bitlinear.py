@@ -7,6 +7,7 @@ from bitlinear.layer import (
     BitLinear,
     activation_quant,
     activation_quant_int,
+    frozen_weights,
     make_linear,
     ternarize,
     weight_quant,
@@ -100,3 +101,20 @@ def test_tiny_gpt_compiles_without_graph_breaks_and_matches_eager():
     torch.testing.assert_close(closs, loss, atol=1e-5, rtol=1e-5)
     for p, g in zip(model.parameters(), eager, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_weights_quantize_once_with_the_same_numbers():
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8, bias=True)
+    x = torch.randn(3, 16)
+    calls = []
+    quantized = layer.quantized_weight
+    layer.quantized_weight = lambda: calls.append(1) or quantized()
+    with torch.no_grad():
+        want = [layer(x) for _ in range(3)]
+        assert len(calls) == 3
+        with frozen_weights(layer):
+            got = [layer(x) for _ in range(3)]
+        assert len(calls) == 4 and layer.frozen_w_q is None  # made once, let go on exit
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)

@@ -30,7 +30,7 @@ SEAMS = {
     ("train.py", "main", "configs.table"),  # --list_configs
     ("train.py", "open", "wandb"),  # --wandb_log (Log.open)
     ("train.py", "claim", "fcntl"),  # the out_dir lock, where the platform has one
-    ("sample.py", "load_model", "bitlinear.packed_file"),  # a .bitnet file
+    ("sample.py", "load_model", "bitlinear.packed_model"),  # a .bitnet file
     ("sample.py", "load_model", "llama.hf_import"),  # a transformers folder
     ("data/loader.py", "read_meta", "data.common"),  # an old meta.pkl
     ("data/loader.py", "token_bytes", "data.tokenizer"),  # a BPE dataset's bits per byte
