@@ -46,7 +46,7 @@ def ternarize(w, eps=EPS):
 def weight_quant(w, eps=EPS):
     """Absmean ternary fake-quant: W_t / s_w, entries {-1, 0, +1} / s_w, in w's dtype."""
     s = absmean_scale(w, eps)
-    return ((w.float() * s).round().clamp(-1, 1) / s).to(w.dtype)
+    return (w.float() * s).round_().clamp_(-1, 1).div_(s).to(w.dtype)  # in place: fewer tensors
 
 
 @torch.no_grad()
@@ -60,16 +60,25 @@ def activation_quant_int(x, eps=EPS):
 def activation_quant(x, eps=EPS):
     """Per-token absmax 8-bit fake-quant: x_i / s_x, in x's dtype."""
     s = absmax_scale(x, eps)
-    return ((x.float() * s).round().clamp(-128, 127) / s).to(x.dtype)
+    return (x.float() * s).round_().clamp_(-128, 127).div_(s).to(x.dtype)
+
+
+class StraightThrough(torch.autograd.Function):
+    """q in the forward, the identity's gradient (to x) in the backward: the straight-through
+    estimator. The FAQ writes x + (q - x).detach(), the same estimator; as a Function it costs no
+    full-size tensors beyond q, and its forward value is q exactly."""
+
+    @staticmethod
+    def forward(ctx, q, x):
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
 
 
 def straight_through(q, x):
-    """q in the forward, the identity's gradient (to x) in the backward.
-
-    The FAQ writes x + (q - x).detach(); q + (x - x.detach()) is the same estimator, and its
-    forward value is q exactly (x - x.detach() is 0), where x + (q - x) can be an ulp off q.
-    """
-    return q + (x - x.detach())
+    return StraightThrough.apply(q, x)
 
 
 @torch.no_grad()
