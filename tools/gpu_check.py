@@ -138,7 +138,7 @@ class Check:
         return self.out / "logs" / f"{name}.log"
 
     def run(self, jobs):
-        """Run {name: argv} at once, each in its own process session writing logs/<name>.log,
+        """Run {name: argv} at once, each in a process group of its own writing logs/<name>.log,
         until the step's deadline; returns {name: wall seconds} or raises StepFailed."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         procs = {}
