@@ -42,7 +42,7 @@ def meta_path(folder):
 def read_meta(folder):
     """The dict a prepare script wrote for dataset folder `folder` ({'vocab_size', 'tokenizer',
     'dtype', ...}), or None when it has none. meta.json is read as JSON (itos' keys back to
-    ints); an old meta.pkl only as plain values (data.common.read_old_meta)."""
+    ints); an old meta.pkl only as plain values (data.meta.read_old_meta)."""
     path = meta_path(folder)
     again = f"prepare the dataset again ({prepare_command(folder)}) to write {META}"
     if path is None:
@@ -54,7 +54,7 @@ def read_meta(folder):
             raise DataError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {again}"
                             ) from None
     else:  # seam: a folder prepared before meta.json
-        from data.common import read_old_meta
+        from data.meta import read_old_meta
         meta = read_old_meta(path, again)
     if not isinstance(meta, dict):
         raise DataError(f"{path} holds a {type(meta).__name__}, not a dict; {again}")

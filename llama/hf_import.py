@@ -24,7 +24,8 @@ import torch
 from bitlinear.hf import FLOAT_DTYPES, ExportError, read_config, read_tensor, safetensors_table
 from bitlinear.inference import shell_model, to_integer
 from bitlinear.pack import unpack_2bit_rows
-from data.common import DataError, char_meta, gpt2_meta, hf_meta
+from data.common import DataError, char_meta, gpt2_meta
+from data.meta import hf_meta
 from data.tokenizer import GPT2_EOT
 from data.vocab import gpt2_vocab
 from llama.hf import LINEARS, hf_key
@@ -123,7 +124,7 @@ def latent_weight(t, s, out=None):
 
 def _meta_from_tokenizer(folder):
     """The dataset meta of the folder's tokenizer.json: a character table (BitGPT's char export)
-    as 'char', GPT-2's BPE as 'gpt2', any other tokenizer as 'hf' (data.common.hf_meta,
+    as 'char', GPT-2's BPE as 'gpt2', any other tokenizer as 'hf' (data.meta.hf_meta,
     vocab_size the model's)."""
     path = folder / "tokenizer.json"
     if not path.is_file():

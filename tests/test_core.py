@@ -32,7 +32,7 @@ SEAMS = {
     ("train.py", "claim", "fcntl"),  # the out_dir lock, where the platform has one
     ("sample.py", "load_model", "bitlinear.packed_model"),  # a .bitnet file
     ("sample.py", "load_model", "llama.hf_import"),  # a transformers folder
-    ("data/loader.py", "read_meta", "data.common"),  # an old meta.pkl
+    ("data/loader.py", "read_meta", "data.meta"),  # an old meta.pkl
     ("data/loader.py", "token_bytes", "data.tokenizer"),  # a BPE dataset's bits per byte
     ("data/tokenizer.py", "hf_tokenizer", "tokenizers"),  # a tokenizer.json
     ("data/tokenizer.py", "tiktoken_module", "tiktoken"),  # GPT-2 BPE

@@ -18,8 +18,8 @@ import torch
 import llama.hf_import as hf_import
 from bitlinear.inference import to_integer
 from common import defaults, load_checkpoint, model_from_checkpoint, run_cli
-from data.common import hf_meta
 from data.loader import Data, read_meta
+from data.meta import hf_meta
 from data.text.prepare import SETTINGS, prepare
 from data.tokenizer import Tokenizer
 from export import main as export_main

@@ -36,9 +36,9 @@ from data.common import (
     char_boundary,
     char_meta,
     gpt2_meta,
-    hf_meta,
     read_utf8,
 )
+from data.meta import hf_meta
 from data.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
