@@ -117,6 +117,10 @@ def export(cfg):
     fmt, float_dtype = cfg["format"], cfg["float_dtype"]
     if fmt == "packed" and not ckpt["model_args"].get("bitlinear", True):
         raise ConfigError(f"'{src}' is a float model (bitlinear=False): nothing to pack")
+    if ckpt["model_args"].get("bit_group"):
+        raise ConfigError(f"'{src}' has a weight scale per group of inputs (bit_group="
+                          f"{ckpt['model_args']['bit_group']}); the exports hold one scale per "
+                          f"matrix: train with bit_group=0 to export")
     model = model_from_checkpoint(ckpt, src)
     dst = Path(cfg["to"] or Path(cfg["out_dir"]) / FORMATS[fmt])
     check_destination(dst, fmt, src)

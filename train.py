@@ -262,9 +262,12 @@ def configure_optimizers(model, cfg, device_type):
     split = lambda muon: [g for g in (dict(g, params=[p for p in g["params"]  # noqa: E731
                                                       if (id(p) in in_blocks) == muon])
                                       for g in groups) if g["params"]]
+    # torch's Muon orthogonalizes in bfloat16, slow on CPUs: there the same update in float32
+    from bitlinear.muon import Muon  # seam: --optimizer=muon
+    muon = torch.optim.Muon if device_type == "cuda" else Muon
     # the "match_rms_adamw" step size: the learning rates tuned for AdamW carry over
-    return [torch.optim.Muon(split(True), lr=cfg["learning_rate"], momentum=0.95,
-                             adjust_lr_fn="match_rms_adamw"), adamw(split(False))]
+    return [muon(split(True), lr=cfg["learning_rate"], momentum=0.95,
+                 adjust_lr_fn="match_rms_adamw"), adamw(split(False))]
 
 
 # ---- the run's state: made, saved, resumed --------------------------------------------------

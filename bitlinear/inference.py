@@ -43,6 +43,9 @@ class TernaryLinear(nn.Module):
     @classmethod
     def from_bitlinear(cls, layer: BitLinear, quantize=True) -> "TernaryLinear":
         """The layer's integer form; quantize=False makes a shell for weights loaded later."""
+        if layer.group:
+            raise ValueError(f"a BitLinear with a scale per group of {layer.group} weights has no "
+                             f"integer form here (one scale per matrix); train with bit_group=0")
         new = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.norm,
                   layer.eps)
         if quantize:

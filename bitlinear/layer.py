@@ -2,6 +2,7 @@
 write it.
 
     weights      W_q = clamp(round(W * s_w), -1, 1) / s_w,   s_w = 1 / mean|W|     (absmean)
+                 (group=g: one s_w per g consecutive input weights of a row, not one per matrix)
     activations  x_q = clamp(round(x * s_x), -128, 127) / s_x, s_x = 127 / max|x|  per token
     forward      y = x_q W_q^T
     backward     the straight-through estimator: both quantizers pass gradients as the identity
@@ -25,9 +26,17 @@ import torch.nn.functional as F
 EPS = 1e-5  # guards the scales of all-zero weights and all-zero tokens (no division by zero)
 
 
-def absmean_scale(w, eps=EPS):
-    """s_w = 1 / mean|W|, a 0-d float32 tensor."""
+def absmean_scale(w, eps=EPS, group=0):
+    """s_w = 1 / mean|W|, a 0-d float32 tensor; with group=g one per g consecutive input weights,
+    shape (out_features, in_features // g, 1)."""
+    if group:
+        return 1 / grouped(w.float(), group).abs().mean(-1, keepdim=True).clamp(min=eps)
     return 1 / w.float().abs().mean().clamp(min=eps)
+
+
+def grouped(w, group):
+    """(out, in) -> (out, in // group, group): the groups that share a scale."""
+    return w.view(w.size(0), -1, group) if group else w
 
 
 def absmax_scale(x, eps=EPS):
@@ -43,10 +52,11 @@ def ternarize(w, eps=EPS):
 
 
 @torch.no_grad()
-def weight_quant(w, eps=EPS):
+def weight_quant(w, eps=EPS, group=0):
     """Absmean ternary fake-quant: W_t / s_w, entries {-1, 0, +1} / s_w, in w's dtype."""
-    s = absmean_scale(w, eps)
-    return (w.float() * s).round_().clamp_(-1, 1).div_(s).to(w.dtype)  # in place: fewer tensors
+    s = absmean_scale(w, eps, group)
+    q = (grouped(w.float(), group) * s).round_().clamp_(-1, 1).div_(s)  # in place: fewer tensors
+    return q.view_as(w).to(w.dtype)
 
 
 @torch.no_grad()
@@ -117,13 +127,16 @@ class BitLinear(nn.Linear):
     """nn.Linear with ternary weights and 8-bit per-token activations (BitNet b1.58).
 
     norm=True puts an RMSNorm in front of the activation quantizer, as in the FAQ's reference
-    code (the models here keep their own norms by default, as LLaMA does).
+    code (the models here keep their own norms by default, as LLaMA does). group=g gives each g
+    consecutive input weights of a row a scale of their own (0: one scale for the matrix).
     """
 
-    def __init__(self, in_features, out_features, bias=False, norm=False, eps=EPS,
+    def __init__(self, in_features, out_features, bias=False, norm=False, eps=EPS, group=0,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.eps = eps
+        if group and in_features % group:
+            raise ValueError(f"bit_group={group} does not divide in_features={in_features}")
+        self.eps, self.group = eps, group
         self.norm = RMSNorm(in_features) if norm else None
         self.lam = None  # the quantization warm-up's strength, a 0-d tensor (set_quantization)
         self.frozen_w_q = None  # W_q made once for a stretch of forwards (frozen_weights)
@@ -138,10 +151,10 @@ class BitLinear(nn.Linear):
     def quantized_weight(self):
         """W_q, with the straight-through gradient to the latent weight."""
         w = self.weight
-        return straight_through(blend(weight_quant(w, self.eps), w, self.lam), w)
+        return straight_through(blend(weight_quant(w, self.eps, self.group), w, self.lam), w)
 
     def extra_repr(self):
-        return super().extra_repr() + f", norm={self.norm is not None}"
+        return super().extra_repr() + f", norm={self.norm is not None}, group={self.group}"
 
 
 @contextmanager
@@ -160,8 +173,8 @@ def frozen_weights(model):
             m.frozen_w_q = None
 
 
-def make_linear(in_features, out_features, bias=False, bitlinear=True, norm=False):
+def make_linear(in_features, out_features, bias=False, bitlinear=True, norm=False, group=0):
     """The one switch between a ternary model and its float twin: BitLinear, or nn.Linear."""
     if bitlinear:
-        return BitLinear(in_features, out_features, bias=bias, norm=norm)
+        return BitLinear(in_features, out_features, bias=bias, norm=norm, group=group)
     return nn.Linear(in_features, out_features, bias=bias)

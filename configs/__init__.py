@@ -6,7 +6,7 @@ these keys (python train.py --list_configs)."""
 import math
 from pathlib import Path
 
-from common import GPT2_NAMES, ConfigError, defaults, resolve_device
+from common import GPT2_NAMES, ConfigError, defaults, model_args, model_classes, resolve_device
 
 SETTINGS = dict(
     # I/O
@@ -37,6 +37,8 @@ SETTINGS = dict(
     dropout=(0.0, "dropout rate"),
     bitlinear=(True, "ternary BitLinear layers; False builds the same model with nn.Linear"),
     bit_norm=(False, "RMSNorm inside each BitLinear (the b1.58 FAQ's reference layout)"),
+    bit_group=(0, "input weights per absmean weight scale (a divisor of every BitLinear's input "
+                  "width); 0: one scale per matrix, as the paper"),
     bias=(False, "gpt only: biases in Linears and LayerNorms"),
     n_kv_head=(0, "llama only: key/value heads (grouped-query attention); 0 means n_head"),
     ffn_hidden=(0, "llama only: MLP width; 0 means 8/3 n_embd rounded up to a multiple of 64"),
@@ -145,6 +147,13 @@ def resolve(cfg):
     if cfg["n_kv_head"] < 0 or cfg["n_kv_head"] and cfg["n_head"] % cfg["n_kv_head"]:
         raise ConfigError(f"n_kv_head={cfg['n_kv_head']} must divide n_head={cfg['n_head']} "
                           f"(0 means n_head)")
+    if cfg["bit_group"]:
+        config = model_classes(cfg["arch"])[1](**model_args(cfg["arch"], cfg))
+        widths = {cfg["n_embd"], getattr(config, "ffn_hidden", 4 * cfg["n_embd"])}
+        if cfg["bit_group"] < 0 or any(w % cfg["bit_group"] for w in widths):
+            raise ConfigError(f"bit_group={cfg['bit_group']} must divide every BitLinear's input "
+                              f"width ({', '.join(map(str, sorted(widths)))}); 0: one scale per "
+                              f"matrix")
     if cfg["arch"] == "llama" and cfg["n_embd"] // cfg["n_head"] % 2:
         raise ConfigError(f"llama's head size n_embd/n_head={cfg['n_embd'] // cfg['n_head']} "
                           f"must be even (rotary embeddings turn pairs)")

@@ -25,6 +25,7 @@ class GPTConfig:
     bias: bool = False  # biases in Linears and LayerNorms
     bitlinear: bool = True  # False builds the same model with nn.Linear (full precision)
     bit_norm: bool = False  # RMSNorm inside each BitLinear (the FAQ reference), see README
+    bit_group: int = 0  # input weights per absmean scale; 0: one scale per matrix
     gelu_approximate: str = "none"  # 'tanh': the GELU GPT-2 was trained with (gpt/hf.py sets it)
 
 
@@ -32,7 +33,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        linear = lambda i, o: make_linear(i, o, config.bias, config.bitlinear, config.bit_norm)  # noqa: E731
+        linear = lambda i, o: make_linear(i, o, config.bias, config.bitlinear, config.bit_norm,  # noqa: E731
+                                          config.bit_group)
         self.c_attn = linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -56,10 +58,10 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = make_linear(config.n_embd, 4 * config.n_embd, config.bias, config.bitlinear,
-                                config.bit_norm)
-        self.c_proj = make_linear(4 * config.n_embd, config.n_embd, config.bias, config.bitlinear,
-                                  config.bit_norm)
+        linear = lambda i, o: make_linear(i, o, config.bias, config.bitlinear, config.bit_norm,  # noqa: E731
+                                          config.bit_group)
+        self.c_fc = linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
         if config.gelu_approximate not in ("none", "tanh"):
             raise ValueError(f"gelu_approximate '{config.gelu_approximate}' is not 'none' or "

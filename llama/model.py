@@ -33,6 +33,7 @@ class LlamaConfig:
     dropout: float = 0.0
     bitlinear: bool = True  # False builds the same model with nn.Linear (full precision)
     bit_norm: bool = False  # RMSNorm inside each BitLinear (the FAQ reference), see README
+    bit_group: int = 0  # input weights per absmean scale; 0: one scale per matrix
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -71,7 +72,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
-        linear = lambda i, o: make_linear(i, o, False, config.bitlinear, config.bit_norm)  # noqa: E731
+        linear = lambda i, o: make_linear(i, o, False, config.bitlinear, config.bit_norm,  # noqa: E731
+                                          config.bit_group)
         self.wq = linear(config.n_embd, config.n_head * self.head_dim)
         self.wk = linear(config.n_embd, config.n_kv_head * self.head_dim)
         self.wv = linear(config.n_embd, config.n_kv_head * self.head_dim)
@@ -104,7 +106,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        linear = lambda i, o: make_linear(i, o, False, config.bitlinear, config.bit_norm)  # noqa: E731
+        linear = lambda i, o: make_linear(i, o, False, config.bitlinear, config.bit_norm,  # noqa: E731
+                                          config.bit_group)
         self.w1 = linear(config.n_embd, config.ffn_hidden)  # gate
         self.w3 = linear(config.n_embd, config.ffn_hidden)  # up
         self.sub_norm = RMSNorm(config.ffn_hidden, config.norm_eps) if config.subln else None

@@ -28,6 +28,7 @@ SEAMS = {
     ("train.py", "start", "bitlinear.convert"),  # --init_from=PATH|gpt2, --distill_from
     ("train.py", "prepare_model", "torch.distributed.fsdp"),  # --fsdp
     ("train.py", "main", "configs.table"),  # --list_configs
+    ("train.py", "configure_optimizers", "bitlinear.muon"),  # --optimizer=muon
     ("train.py", "open", "wandb"),  # --wandb_log (Log.open)
     ("train.py", "claim", "fcntl"),  # the out_dir lock, where the platform has one
     ("sample.py", "load_model", "bitlinear.packed_model"),  # a .bitnet file

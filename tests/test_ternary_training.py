@@ -181,6 +181,36 @@ def test_muon_takes_the_blocks_linear_weights(bitlinear):
     assert scales == ([DEFAULTS["bit_lr_scale"]] if bitlinear else [1.0])
 
 
+def test_float32_muon_is_torchs_update(tiny_cfg):
+    """The CPU Muon's step is torch.optim.Muon's: exactly so with the iteration in bfloat16, to
+    bfloat16's precision in float32 (and float64's to float32's). It moves every BitLinear latent
+    weight, and its state resumes torch's."""
+    from bitlinear.muon import Muon
+    run = start(tiny_cfg)
+    x, y, _ = next_batch(run)
+    run.raw_model(x, y)[1].backward()
+    weights = [m.weight for m in run.raw_model.modules() if isinstance(m, BitLinear)]
+    before = [w.detach().clone() for w in weights]
+    kw = dict(lr=1e-2, momentum=0.95, adjust_lr_fn="match_rms_adamw", weight_decay=0.1)
+    steps = {}
+    for name, make in (("torch", lambda g: torch.optim.Muon(g, **kw)),
+                       ("bf16", lambda g: Muon(g, ns_dtype=torch.bfloat16, **kw)),
+                       ("fp32", lambda g: Muon(g, **kw)),
+                       ("fp64", lambda g: Muon(g, ns_dtype=torch.float64, **kw))):
+        for w, b in zip(weights, before, strict=True):
+            w.data.copy_(b)
+        opt = make([{"params": weights}])
+        opt.step()
+        opt.step()  # the second step reads the momentum buffer
+        steps[name] = [w.detach() - b for w, b in zip(weights, before, strict=True)]
+        torch.optim.Muon([{"params": weights}], **kw).load_state_dict(opt.state_dict())
+    for a, b, c, d in zip(*(steps[k] for k in ("torch", "bf16", "fp32", "fp64")), strict=True):
+        assert torch.equal(a, b) and c.abs().min() > 0  # every latent weight moved
+        assert (c - a).norm() < 0.1 * a.norm() and (c - d).norm() < 1e-4 * d.norm()
+    assert isinstance(configure_optimizers(run.raw_model, dict(DEFAULTS, optimizer="muon"),
+                                           "cpu")[0], Muon)
+
+
 def test_muon_trains_and_resumes_exactly(tiny_cfg, tmp_path):
     base = dict(tiny_cfg, optimizer="muon", max_iters=12, lr_decay_iters=12, eval_interval=4)
     first = train(dict(base, out_dir=str(tmp_path / "a"), max_iters=0))
@@ -219,3 +249,31 @@ def test_bad_settings_are_one_line(tiny_cfg):
                               ("distill_temperature", 0.0, "distill_temperature must be positive")):
         with pytest.raises(ConfigError, match=match):
             resolve(dict(tiny_cfg, **{key: value}))
+
+
+def test_group_scales_reach_the_layers(tiny_cfg):
+    """bit_group=g gives each g consecutive inputs of a row their own absmean scale, in every
+    BitLinear of both models; a width it does not divide is one line."""
+    for arch in ("gpt", "llama"):
+        run = start(dict(tiny_cfg, arch=arch, bit_group=16))
+        layers = [m for m in run.raw_model.modules() if isinstance(m, BitLinear)]
+        assert layers and all(m.group == 16 for m in layers)
+        w = layers[0].weight.detach()
+        blocks = w.view(w.size(0), -1, 16)
+        want = (blocks * (1 / blocks.abs().mean(-1, keepdim=True))).round().clamp(-1, 1)
+        want = (want * blocks.abs().mean(-1, keepdim=True)).view_as(w)
+        assert torch.allclose(layers[0].quantized_weight(), want, atol=1e-7)
+        assert not torch.allclose(layers[0].quantized_weight(), weight_quant(w))
+    with pytest.raises(ConfigError, match="bit_group=24 must divide"):
+        resolve(dict(DEFAULTS, device="cpu", bit_group=24))
+
+
+def test_group_scales_are_refused_by_the_exports(tiny_cfg):
+    from bitlinear.inference import to_integer
+    from export import main as export_main
+    train(dict(tiny_cfg, bit_group=16, max_iters=2, eval_interval=2))
+    for fmt in ("packed", "hf", "gguf"):
+        with pytest.raises(SystemExit, match="bit_group=16.*train with bit_group=0"):
+            export_main([f"--out_dir={tiny_cfg['out_dir']}", f"--format={fmt}"])
+    with pytest.raises(ValueError, match="group of 16 weights has no integer form"):
+        to_integer(start(dict(tiny_cfg, bit_group=16, init_from="resume")).raw_model)
