@@ -11,6 +11,7 @@ key or a value of the wrong type ends the program with one line naming the key.
 import ast
 import dataclasses
 import difflib
+import glob
 import importlib
 import os
 import pickle
@@ -86,7 +87,11 @@ def read_config_file(path, defaults):
     """Run a config file and return the keys it sets, each checked against defaults."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found; configs live in configs/ "
+        stems = [p.stem for p in (Path(__file__).parent / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "table")]
+        close = [f"configs/{c}.py" for c in difflib.get_close_matches(path.stem, stems, n=1)]
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"config file '{path}' not found; {hint}configs live in configs/ "
                           f"(python train.py --list_configs)")
 
     def include(name):
@@ -215,31 +220,49 @@ def _fsync(path):
         os.close(fd)
 
 
+def remove(p):
+    """Delete a file or a folder, if there."""
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        pass
+    return True
+
+
+def clean_stale(path, kind="tmp"):
+    """Remove what killed writers of `path` left beside it: .NAME.tmpPID of a dead process."""
+    for p in path.parent.glob(f".{glob.escape(path.name)}.{kind}*"):
+        pid = p.name[len(path.name) + 2 + len(kind):]
+        if pid.isdigit() and not alive(int(pid)):
+            remove(p)
+
+
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path` to write a file or a folder at; when the block ends
-    without error it replaces `path` by a rename, else it is deleted. A crash at any moment
-    leaves the old file or the new one, never half of one.
+    """Yield a temporary path beside `path` to write a file at; when the block ends without error
+    it replaces `path` by a rename, else it is deleted. A crash at any moment leaves the old file
+    or the new one, never half of one; what a killed writer left is cleaned by the next write.
 
         with atomic_path("out/model.bitnet") as tmp:
             tmp.write_bytes(data)
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    old = path.with_name(f".{path.name}.old{os.getpid()}")
-    remove = lambda p: shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(  # noqa: E731
-        missing_ok=True)
-    remove(tmp)
+    if path.parent.is_dir():
+        clean_stale(path)
     try:
         yield tmp
-        if tmp.is_dir():  # a folder cannot be renamed over another: move the old one aside
-            if path.exists():
-                path.rename(old)
-            tmp.rename(path)
-            remove(old)
-        else:
-            _fsync(tmp)
-            os.replace(tmp, path)
+        _fsync(tmp)
+        os.replace(tmp, path)
         _fsync(path.parent)  # make the rename itself durable
     finally:
         remove(tmp)
@@ -293,8 +316,9 @@ def save_checkpoint(ckpt, path):
                               f"if any, is intact: free some space and resume") from None
 
 
-def load_checkpoint(path, arch=None, map_location="cpu"):
-    """Load and validate a checkpoint dict (weights_only: no code runs); one-line errors."""
+def load_checkpoint(path, arch=None, map_location="cpu", needs=()):
+    """Load and validate a checkpoint dict (weights_only: no code runs), holding the keys in
+    needs besides its model's; one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at '{path}'; train one first (python train.py "
@@ -309,7 +333,8 @@ def load_checkpoint(path, arch=None, map_location="cpu"):
                                   ) from None
         raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated or corrupt?): "
                               f"{type(e).__name__}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+            and isinstance(ckpt.get("model_args"), dict)):
         raise CheckpointError(f"'{path}' is not a BitGPT training checkpoint")
     version = ckpt.get("format_version")
     if version != CHECKPOINT_VERSION:
@@ -318,6 +343,10 @@ def load_checkpoint(path, arch=None, map_location="cpu"):
     if arch is not None and ckpt.get("arch") != arch:
         raise CheckpointError(f"'{path}' holds a '{ckpt.get('arch')}' model, not '{arch}'; "
                               f"use --arch={ckpt.get('arch')} or another out_dir")
+    missing = [k for k in needs if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"'{path}' lacks {', '.join(missing)}, so it cannot resume a run; "
+                              f"start from its weights with --init_from={path}")
     return ckpt
 
 
@@ -327,9 +356,28 @@ def first_line(e):
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+def check_sizes(state, args):
+    """Refuse (ValueError) model_args that claim more than the weights hold, before anything is
+    built: n_layer must be the number of blocks the weights hold, and no other size (block_size
+    aside: RoPE's positions are not weights) may exceed the weights' largest dimension."""
+    blocks = {next((p for p in key.split(".") if p.isdigit()), None) for key in state} - {None}
+    if args.get("n_layer") != len(blocks):
+        raise ValueError(f"its model_args have n_layer={args.get('n_layer')!r}, its weights "
+                         f"{len(blocks)} layers")
+    largest = max((max(t.shape, default=1) for t in state.values()
+                   if isinstance(t, torch.Tensor)), default=0)
+    for key, value in args.items():
+        if type(value) is int and key not in ("n_layer", "block_size") and value > largest:
+            raise ValueError(f"its model_args have {key}={value}, beyond its weights' largest "
+                             f"dimension ({largest})")
+
+
 def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Build the checkpoint's model and load its weights; a mismatch is a CheckpointError."""
+    """Build the checkpoint's model, once its sizes fit its weights (check_sizes), and load its
+    weights; a mismatch is a CheckpointError."""
     try:
+        model_classes(ckpt["arch"])  # an unknown arch is said first
+        check_sizes(ckpt["model"], ckpt["model_args"])
         model = build_model(ckpt["arch"], ckpt["model_args"])
         model.load_state_dict(ckpt["model"])
     except (ValueError, TypeError, KeyError, RuntimeError) as e:

@@ -22,6 +22,10 @@ llama.cpp architecture (bitlinear/hf.py and bitlinear/gguf.py for the folder and
 write); the others are refused with a message that says why.
 """
 
+import ctypes
+import json
+import os
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,16 +38,20 @@ from bitlinear.packed_file import (
 )
 from common import (
     ConfigError,
-    atomic_path,
+    alive,
+    clean_stale,
     defaults,
+    first_line,
     load_checkpoint,
     model_from_checkpoint,
+    remove,
     run_cli,
 )
 from gpt.gguf import save_gguf as save_gpt_gguf
 from gpt.hf import save_hf as save_gpt_hf
 from llama.gguf import save_gguf as save_llama_gguf
 from llama.hf import save_hf as save_llama_hf
+from sample import first_bytes
 
 SETTINGS = dict(
     out_dir=("out", "the run to export: out_dir/ckpt.pt"),
@@ -88,22 +96,40 @@ def check(cfg):
 MAGICS = {"packed": MAGIC, "gguf": b"GGUF"}  # how the files an export writes begin
 
 
+MARKER = "bitgpt_export.json"  # in a folder an export wrote: the files it wrote there
+
+
+def check_hf_folder(dst):
+    """A transformers folder is replaced only when an export wrote it (its MARKER says so) and
+    holds nothing else: another folder, or one with files added, would lose them."""
+    if dst.exists() and not dst.is_dir():
+        raise ConfigError(f"'{dst}' is a file, not an exported model folder; choose another --to")
+    if not dst.is_dir() or not any(dst.iterdir()):
+        return
+    try:
+        files = json.loads((dst / MARKER).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"'{dst}' is not an exported model folder (no {MARKER}): replacing it "
+                          f"would delete its files; choose another --to") from None
+    others = sorted(p.name for p in dst.iterdir() if p.name not in (*files, MARKER))
+    if others:
+        raise ConfigError(f"'{dst}' holds files the export did not write ({', '.join(others[:3])})"
+                          f"; move them out or choose another --to")
+
+
 def check_destination(dst, fmt, src):
     """An export replaces only what an export wrote: a .bitnet or GGUF file, or a transformers
-    folder (checked in export_hf); never the checkpoint or any other file."""
+    folder (check_hf_folder); never the checkpoint or any other file."""
     if dst.resolve() == src.resolve():
         raise ConfigError(f"--to '{dst}' is the checkpoint being exported; choose another --to")
     if fmt == "hf":
-        if dst.exists() and not dst.is_dir():
-            raise ConfigError(f"'{dst}' is a file, not an exported model folder; choose another "
-                              f"--to")
+        check_hf_folder(dst)
     elif dst.is_dir():
         raise ConfigError(f"--to '{dst}' is a folder; give a file path, e.g. {dst / FORMATS[fmt]}")
-    elif dst.exists():
-        with open(dst, "rb") as f:
-            if f.read(len(MAGICS[fmt])) != MAGICS[fmt]:
-                raise ConfigError(f"'{dst}' exists and is not a file this export wrote; choose "
-                                  f"another --to")
+    elif dst.exists() and (not dst.is_file() or first_bytes(dst, len(MAGICS[fmt]))
+                           != MAGICS[fmt]):
+        raise ConfigError(f"'{dst}' exists and is not a file this export wrote; choose another "
+                          f"--to")
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -114,7 +140,7 @@ def export(cfg):
     check(cfg)
     src = Path(cfg["ckpt"] or Path(cfg["out_dir"]) / "ckpt.pt")
     ckpt = load_checkpoint(src)
-    fmt, float_dtype = cfg["format"], cfg["float_dtype"]
+    fmt = cfg["format"]
     if fmt == "packed" and not ckpt["model_args"].get("bitlinear", True):
         raise ConfigError(f"'{src}' is a float model (bitlinear=False): nothing to pack")
     if ckpt["model_args"].get("bit_group"):
@@ -124,6 +150,15 @@ def export(cfg):
     model = model_from_checkpoint(ckpt, src)
     dst = Path(cfg["to"] or Path(cfg["out_dir"]) / FORMATS[fmt])
     check_destination(dst, fmt, src)
+    try:
+        return write(model, ckpt, src, dst, cfg)
+    except OSError as e:  # a full or read-only disk: what was there stays (atomic_path)
+        raise ConfigError(f"could not write '{dst}' ({e.strerror or first_line(e)}); what was "
+                          f"there is intact: free some space or choose another --to") from None
+
+
+def write(model, ckpt, src, dst, cfg):
+    fmt, float_dtype = cfg["format"], cfg["float_dtype"]
     if fmt == "hf":
         return export_hf(model, ckpt, dst, float_dtype or "fp32")
     if fmt == "gguf":
@@ -143,15 +178,49 @@ def export(cfg):
     return dst
 
 
+def exchange(a, b):
+    """Swap paths a and b in one step (Linux's renameat2 RENAME_EXCHANGE); False where the system
+    or the file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return False
+    return renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, EXCHANGE
+
+
+@contextmanager
+def atomic_folder(path):
+    """common.atomic_path for a folder: written beside `path`, then swapped in one step where the
+    system can; else the old one is moved aside first, and a kill between the two renames leaves
+    it aside, where the next export to the same place puts it back."""
+    tmp, old = (path.with_name(f".{path.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
+    for aside in path.parent.glob(f".{path.name}.old*"):
+        pid = aside.name[len(path.name) + 5:]
+        if pid.isdigit() and not alive(int(pid)) and not path.exists():
+            aside.rename(path)
+    clean_stale(path)
+    clean_stale(path, "old")
+    try:
+        yield tmp
+        if not path.exists():
+            tmp.rename(path)
+        elif not exchange(tmp, path):
+            path.rename(old)
+            tmp.rename(path)
+            remove(old)
+    finally:
+        remove(tmp)  # after an exchange, the old folder
+
+
 def export_hf(model, ckpt, dst, float_dtype):
     """Write the folder under a temporary name, then swap it in: never half a folder."""
     save_hf = SAVE_HF[ckpt["arch"]]
-    if dst.exists() and any(dst.iterdir()) and not (dst / "config.json").is_file():
-        raise ConfigError(f"'{dst}' exists and is not an exported model folder; choose another "
-                          f"--to")
-    with atomic_path(dst) as tmp:
+    with atomic_folder(dst) as tmp:
         tmp.mkdir(parents=True)
         config = save_hf(model, asdict(model.config), ckpt.get("meta"), tmp, float_dtype)
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / MARKER).write_text(json.dumps({"written_by": "BitGPT export.py --format=hf",
+                                              "files": files}) + "\n")
     size = sum(f.stat().st_size for f in dst.iterdir())
     packed = "ternary projections packed 2 bits/weight, " if "quantization_config" in config else ""
     print(f"wrote {dst}/: {config['architectures'][0]}, {size / 1e6:.2f} MB, {packed}other "

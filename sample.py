@@ -137,8 +137,13 @@ def read_prompt(start):
     if start.startswith("FILE:"):
         path = Path(start[5:])
         if not path.is_file():
-            raise ConfigError(f"prompt file '{path}' not found")
-        start = path.read_text(encoding="utf-8")
+            raise ConfigError(f"prompt file '{path}' not found (or not a regular file)")
+        try:
+            start = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"prompt file '{path}' is not UTF-8 text (byte 0x"
+                              f"{e.object[e.start]:02x} at offset {e.start}); give a text file"
+                              ) from None
     if not start:
         raise ConfigError("the prompt is empty; give --start=TEXT (the default is a newline)")
     return start

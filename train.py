@@ -42,9 +42,10 @@ from common import (
     save_checkpoint,
 )
 from configs import DEFAULTS, SETTINGS, resolve
-from data.loader import Data
+from data.loader import Data, vocabulary_difference
 
 GPT2_TOKENS = 50257  # GPT-2's vocabulary; its datasets record 50304, padded for speed
+RESUME_KEYS = ("optimizer", "scaler", "iter_num", "best_val_loss", "elapsed", "rng")
 
 
 class TrainingError(UserError):
@@ -280,35 +281,33 @@ def start(cfg):
     torch.manual_seed(cfg["seed"])  # the same initial weights in every process (FSDP)
     data = Data(cfg, cfg["device"], cfg["seed"], rank, world_size)
     ckpt_path = Path(cfg["out_dir"]) / "ckpt.pt"
-    ckpt = weights = None
+    ckpt = weights = source_meta = None
     if cfg["init_from"] == "resume":
-        ckpt = load_checkpoint(ckpt_path, arch=cfg["arch"])
+        ckpt = load_checkpoint(ckpt_path, arch=cfg["arch"], needs=RESUME_KEYS)
+        trained = ckpt["model_args"].get("block_size", cfg["block_size"])
+        if cfg["block_size"] > trained:
+            raise ConfigError(f"block_size={cfg['block_size']} is longer than the {trained} "
+                              f"positions of {ckpt_path}'s model; resume with --block_size="
+                              f"{trained}")
         cfg.update(ckpt["model_args"])  # the model's shape comes from the checkpoint
+        source_meta = ckpt.get("meta")
     elif cfg["init_from"] != "scratch":  # seam: start from another model's weights
         from bitlinear.convert import init_weights
-        weights = init_weights(cfg, rank)
+        weights, source_meta = init_weights(cfg, rank)
     vocab_size = data.vocab_size
-    if ckpt or weights:  # a trained model reads the data's tokens, or OpenAI's unpadded GPT-2's
-        gpt2 = cfg["vocab_size"] == GPT2_TOKENS and (data.meta or {}).get("tokenizer") == "gpt2"
-        if cfg["vocab_size"] != vocab_size and not gpt2:
-            raise ConfigError(f"the model's vocabulary ({cfg['vocab_size']}) is not dataset "
-                              f"'{cfg['dataset']}''s ({vocab_size}); train it on data with its "
-                              f"tokenizer")
-        vocab_size = cfg["vocab_size"]
-    if cfg["init_from"] != "resume" and ckpt_path.exists() and not cfg["overwrite"]:
-        raise ConfigError(f"out_dir '{cfg['out_dir']}' holds another run's checkpoint; continue "
-                          f"it with --init_from=resume, choose another --out_dir, or replace it "
-                          f"with --overwrite=True")
+    if ckpt or weights:
+        vocab_size = check_vocabulary(cfg, data, source_meta)
+    check_out_dir(cfg, ckpt_path)
     args = dict(model_args(cfg["arch"], cfg), vocab_size=vocab_size)
-    if ckpt:
-        model = model_from_checkpoint(ckpt, ckpt_path)
+    if ckpt or weights:
+        model = model_from_checkpoint(ckpt or dict(arch=cfg["arch"], model_args=args,
+                                                   model=weights),
+                                      ckpt_path if ckpt else cfg["init_from"])
     else:
         try:
             model = build_model(cfg["arch"], args)
         except ValueError as e:  # a shape the model refuses
             raise ConfigError(first_line(e)) from None
-    if weights:
-        model.load_state_dict(weights)
     model.to(cfg["device"])
     wrapped = prepare_model(model, cfg, world_size)  # FSDP shards in place, before AdamW
     torch.manual_seed(cfg["seed"] + rank)  # but different dropout in each process
@@ -330,6 +329,36 @@ def start(cfg):
         torch.set_rng_state(ckpt["rng"]["torch"])
         data.generator.set_state(ckpt["rng"]["data"])
     return run
+
+
+def check_vocabulary(cfg, data, source_meta):
+    """The vocabulary size of a trained model (cfg's) that reads the data's tokens, or OpenAI's
+    unpadded GPT-2's; a ConfigError when its tokens are not the data's."""
+    gpt2 = cfg["vocab_size"] == GPT2_TOKENS and (data.meta or {}).get("tokenizer") == "gpt2"
+    source = "out_dir's checkpoint" if cfg["init_from"] == "resume" else cfg["init_from"]
+    if cfg["vocab_size"] != data.vocab_size and not gpt2:
+        raise ConfigError(f"the model's vocabulary ({cfg['vocab_size']}) is not dataset "
+                          f"'{cfg['dataset']}''s ({data.vocab_size}); train it on data with its "
+                          f"tokenizer")
+    differ = vocabulary_difference(source_meta, data.meta)
+    if differ:
+        raise ConfigError(f"{source}'s tokens are not dataset '{cfg['dataset']}''s ({differ}); "
+                          f"train it on data prepared with its tokenizer")
+    return cfg["vocab_size"]
+
+
+def check_out_dir(cfg, ckpt_path):
+    """A new run replaces no other run's checkpoint or log without --overwrite=True."""
+    if cfg["init_from"] == "resume" or cfg["overwrite"]:
+        return
+    if ckpt_path.exists():
+        raise ConfigError(f"out_dir '{cfg['out_dir']}' holds another run's checkpoint; continue "
+                          f"it with --init_from=resume, choose another --out_dir, or replace it "
+                          f"with --overwrite=True")
+    if (ckpt_path.parent / "metrics.jsonl").exists():
+        raise ConfigError(f"out_dir '{cfg['out_dir']}' holds another run's metrics.jsonl (and "
+                          f"no ckpt.pt to resume); choose another --out_dir, or replace it with "
+                          f"--overwrite=True")
 
 
 def save(run, val_loss):
@@ -517,11 +546,13 @@ def keep_until(path, step, eval_interval):
     records after the checkpoint's step go (those steps run again), and so does the evaluation
     at that step if the resumed run makes it again."""
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
-            break
+            continue  # torn by a crash, or a stray line: not a record, and the later ones stay
+        if not isinstance(record, dict) or type(record.get("step")) is not int:
+            continue
         if record["step"] < step or record["step"] == step and (
                 "val_loss" not in record or step % eval_interval):
             keep.append(line + "\n")

@@ -24,13 +24,19 @@ from sample import load_model
 def load_init_weights(path, arch):
     """(model_args, state dict) of trained weights: a BitGPT checkpoint, a transformers folder
     (GPT-2, or LLaMA and BitNet), or OpenAI's GPT-2 by name (gpt2, ..., gpt2-xl)."""
+    return load_init_source(path, arch)[:2]
+
+
+def load_init_source(path, arch):
+    """load_init_weights' (model_args, state dict), and the dataset meta of their tokens (None
+    for GPT-2's)."""
     name = str(path)
     if name in GPT2_NAMES and arch != "gpt":
         raise CheckpointError(f"--init_from={name} is a GPT-2 model: use --arch=gpt")
     path = download_gpt2(name) if name in GPT2_NAMES else Path(path)
     if not path.is_dir():
         ckpt = load_checkpoint(path, arch=arch)
-        return ckpt["model_args"], ckpt["model"]
+        return ckpt["model_args"], ckpt["model"], ckpt.get("meta")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"'{path}' is a folder without config.json: not a transformers "
                               f"model folder")
@@ -39,7 +45,7 @@ def load_init_weights(path, arch):
         if arch != "gpt":
             raise CheckpointError(f"'{path}' holds a GPT-2 model (model_type 'gpt2'): use "
                                   f"--arch=gpt")
-        return load_gpt2(path)
+        return (*load_gpt2(path), None)
     if arch != "llama":
         raise CheckpointError(
             f"'{path}' is a transformers folder, which holds a LLaMA-architecture model: add "
@@ -47,18 +53,17 @@ def load_init_weights(path, arch):
             f"'{path}' holds a {kind!r} model; BitGPT imports model_type 'gpt2' (--arch=gpt), "
             f"'llama' or 'bitnet' (--arch=llama)")
     try:
-        args, state, _ = load_hf(path)
+        return load_hf(path)
     except ImportError as e:
         raise CheckpointError(f"importing '{path}' needs {e.name}: pip install -r "
                               f"requirements-dev.txt") from None
-    return args, state
 
 
 def init_weights(cfg, rank=0):
     """The state dict a fine-tuning run starts from (--init_from); cfg takes the source's model
     shape, at the run's block_size (at most the source's) and with the run's dropout and
-    --bitlinear."""
-    source, weights = load_init_weights(cfg["init_from"], cfg["arch"])
+    --bitlinear; returned with the dataset meta of its tokens (None when unknown)."""
+    source, weights, meta = load_init_source(cfg["init_from"], cfg["arch"])
     source.pop("dropout", None)  # a training choice, not part of the weights
     was_ternary = source.pop("bitlinear", cfg["bitlinear"])
     if was_ternary != cfg["bitlinear"] and rank == 0:
@@ -75,7 +80,7 @@ def init_weights(cfg, rank=0):
                   f"positions (--block_size sets how many)")
         weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:cfg["block_size"]]
     cfg.update(source)
-    return weights
+    return weights, meta
 
 
 def distill_loss(logits, teacher_logits, temperature):

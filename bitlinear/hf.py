@@ -121,6 +121,9 @@ def write_folder(folder, config, meta, block_size, state):
 def read_config(folder):
     """config.json of a transformers folder, as a dict; one line when it cannot be read."""
     folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"'{folder}' is not a transformers model folder (no config.json file); "
+                          f"give a checkpoint (.pt), a .bitnet file, or such a folder")
     try:
         config = json.loads((folder / "config.json").read_text())
     except (ValueError, RecursionError) as e:  # not JSON, or not UTF-8
@@ -140,6 +143,8 @@ def safetensors_table(folder):
         def bad(what, f=f):
             return ExportError(f"'{f}' is not a readable safetensors file ({what}); export the "
                                f"model again")
+        if not f.is_file():  # a FIFO would block the read
+            raise bad("not a regular file")
         size = f.stat().st_size
         with open(f, "rb") as fh:
             start = fh.read(8)

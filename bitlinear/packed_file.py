@@ -284,6 +284,8 @@ def load_packed(path, check=None):
     header is checked against the file first (_check_header), then by check(header) if given,
     before any tensor is read.
     """
+    if not Path(path).is_file():  # a FIFO would block the read
+        raise PackedFileError(f"'{path}' is not a regular file; give a .bitnet file")
     size = Path(path).stat().st_size
     state = {}
     with open(path, "rb") as f:
@@ -303,6 +305,9 @@ def load_packed(path, check=None):
             except (ValueError, KeyError, TypeError, RuntimeError):
                 raise PackedFileError(f"'{path}' is corrupt: tensor {e.get('name')} does not "
                                       f"match its header entry") from None
+            if e["kind"] in PACKERS and e["nbytes"] and state[e["name"]].abs().max() > 1:
+                raise PackedFileError(f"'{path}' is corrupt: tensor {e['name']} holds codes "
+                                      f"beyond the three ternary values")
     for name, target in header["aliases"].items():
         state[name] = state[target]
     return header, state

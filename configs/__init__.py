@@ -6,7 +6,7 @@ these keys (python train.py --list_configs)."""
 import math
 from pathlib import Path
 
-from common import GPT2_NAMES, ConfigError, defaults, model_args, model_classes, resolve_device
+from common import GPT2_NAMES, ConfigError, defaults, resolve_device
 
 SETTINGS = dict(
     # I/O
@@ -131,12 +131,17 @@ def resolve(cfg):
             raise ConfigError(f"{key} must be a finite number, got {value}")
     for key in ("max_iters", "max_time", "learning_rate", "min_lr", "bit_lr_scale", "weight_decay",
                 "grad_clip", "warmup_iters", "lr_decay_iters", "n_kv_head", "ffn_hidden",
-                "bit_warmup_iters", "bit_warmup_start", "distill_weight"):
+                "bit_warmup_iters", "bit_warmup_start", "distill_weight", "bit_group"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be at least 0, got {cfg[key]}")
     for key in ("dropout", "beta1", "beta2"):
         if not 0 <= cfg[key] < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {cfg[key]}")
+    ternary_at = cfg["bit_warmup_start"] + cfg["bit_warmup_iters"]
+    if cfg["bitlinear"] and cfg["max_iters"] and ternary_at > cfg["max_iters"]:
+        raise ConfigError(f"the quantization warm-up ends at step {ternary_at} (bit_warmup_start "
+                          f"+ bit_warmup_iters), after max_iters={cfg['max_iters']}: the model "
+                          f"would never train as BitLinear; shorten the warm-up or train longer")
     if not 0 < cfg["wsd_decay"] <= 1:
         raise ConfigError(f"wsd_decay must be in (0, 1], got {cfg['wsd_decay']}")
     for key in ("norm_eps", "rope_theta", "distill_temperature"):
@@ -147,13 +152,6 @@ def resolve(cfg):
     if cfg["n_kv_head"] < 0 or cfg["n_kv_head"] and cfg["n_head"] % cfg["n_kv_head"]:
         raise ConfigError(f"n_kv_head={cfg['n_kv_head']} must divide n_head={cfg['n_head']} "
                           f"(0 means n_head)")
-    if cfg["bit_group"]:
-        config = model_classes(cfg["arch"])[1](**model_args(cfg["arch"], cfg))
-        widths = {cfg["n_embd"], getattr(config, "ffn_hidden", 4 * cfg["n_embd"])}
-        if cfg["bit_group"] < 0 or any(w % cfg["bit_group"] for w in widths):
-            raise ConfigError(f"bit_group={cfg['bit_group']} must divide every BitLinear's input "
-                              f"width ({', '.join(map(str, sorted(widths)))}); 0: one scale per "
-                              f"matrix")
     if cfg["arch"] == "llama" and cfg["n_embd"] // cfg["n_head"] % 2:
         raise ConfigError(f"llama's head size n_embd/n_head={cfg['n_embd'] // cfg['n_head']} "
                           f"must be even (rotary embeddings turn pairs)")

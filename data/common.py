@@ -10,9 +10,10 @@ that meta.json names) and meta.json ({'vocab_size', 'tokenizer': 'char' or 'gpt2
 'stoi'/'itos' for characters; data.loader.read_meta reads it, and the meta.pkl of folders prepared
 before it, which holds the same dict, only as plain values). Large corpora never sit in memory:
 documents are tokenized in batches and appended to the .bin files as they come. Every file is
-written beside its final name and renamed over it (common.atomic_path), the .bin files and
-meta.json only once all are complete; Ctrl-C at any point leaves the old dataset or the new one,
-and no temporary file.
+written beside its final name and renamed over it (common.atomic_path), meta.json and then the
+.bin files only once all are complete; Ctrl-C at any point leaves the old dataset or the new one,
+and no temporary file. meta.json's split_tokens counts each .bin file's tokens, so a kill between
+the renames leaves files that data.loader refuses, never a mixed dataset it trains on.
 """
 
 import codecs
@@ -32,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import DataError, atomic_path
-from data.loader import GPT2_VOCAB_SIZE, META, OLD_META
+from data.loader import GPT2_VOCAB_SIZE, META, OLD_META, REPO, prepare_command
 from data.tokenizer import gpt2_encoding
 
 TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
@@ -59,17 +60,20 @@ def download(url, dest):
 
 
 def tinyshakespeare_text(folder, input_path=None):
-    """Tiny Shakespeare (1.1 MB): input_path, else $TINYSHAKESPEARE_PATH, else a download."""
+    """Tiny Shakespeare (1.1 MB): input_path, else $TINYSHAKESPEARE_PATH, else the copy in this
+    folder or the other Shakespeare dataset's, else a download into this folder."""
     path = input_path or os.environ.get(TINYSHAKESPEARE_ENV)
     if not path:
-        path = Path(folder) / "input.txt"
+        copies = [Path(folder) / "input.txt"] + [REPO / "data" / name / "input.txt"
+                                                 for name in ("shakespeare_char", "shakespeare")]
+        path = next((p for p in copies if p.is_file()), copies[0])
         if not path.exists():
             try:
                 download(TINYSHAKESPEARE_URL, path)
             except OSError as e:
                 raise DataError(
                     f"could not download Tiny Shakespeare ({e}); offline? put the text at "
-                    f"{path}, pass --input=/path/input.txt or set "
+                    f"{path}, or run {prepare_command(folder)} --input=/path/input.txt, or set "
                     f"{TINYSHAKESPEARE_ENV}=/path/input.txt") from None
     return Path(path).read_text(encoding="utf-8")
 
@@ -152,10 +156,18 @@ class DatasetWriter:
         self.stack = ExitStack()
 
     def __enter__(self):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        # entered first, so renamed last: meta.json names the dtype of .bin files already in place
-        self.meta_tmp = self.stack.enter_context(atomic_path(self.folder / META))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self.failed(e) from None
         return self
+
+    def failed(self, e):
+        """The one-line DataError of a prepare that failed on a file (a full or read-only
+        disk)."""
+        return DataError(f"preparing the dataset in {self.folder} failed ({e.strerror or e}); "
+                         f"the old one there, if any, is intact: free some space or choose "
+                         f"another folder")
 
     def split(self, name):
         tmp = self.stack.enter_context(atomic_path(self.folder / f"{name}.bin"))
@@ -171,16 +183,26 @@ class DatasetWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            return self._discard(exc_type, exc, tb)
+            self._discard(exc_type, exc, tb)
+            if isinstance(exc, OSError):
+                raise self.failed(exc) from None
+            return
         try:
             for f in self.files.values():
                 f.finish()
-            self.meta_tmp.write_text(json.dumps(self.meta) + "\n")  # itos' int keys: strings
+            # itos' int keys become strings; split_tokens lets a reader check the .bin files
+            text = json.dumps(dict(self.meta, split_tokens=self.counts())) + "\n"
             with ctrl_c_deferred():
-                self.stack.close()  # the renames, the .bin files first, meta.json last
+                # meta.json first: a kill between the renames leaves it beside .bin files of
+                # other sizes, which data.loader refuses (never .bin files without meta.json)
+                with atomic_path(self.folder / META) as tmp:
+                    tmp.write_text(text)
+                self.stack.close()  # the .bin files' renames
                 (self.folder / OLD_META).unlink(missing_ok=True)  # the old dataset's
-        except BaseException:
+        except BaseException as e:
             self._discard(*sys.exc_info())
+            if isinstance(e, OSError):
+                raise self.failed(e) from None
             raise
         counts = ", ".join(f"{name} has {f.n:,} tokens" for name, f in self.files.items())
         print(f"{self.folder}: {counts} ({self.meta['dtype']}, vocab_size "

@@ -18,6 +18,7 @@ OLD_META = "meta.pkl"  # what folders prepared before meta.json hold: the same d
 # GPT-2 has 50257 tokens; models get 50304, the next multiple of 64, as in nanoGPT (faster matmuls)
 GPT2_VOCAB_SIZE = 50304
 AUTO_PREPARE = ("shakespeare_char", "shakespeare")  # small enough to prepare on the fly
+CHECKED = 4096  # ids read at each end of a .bin file as a run starts, to check them
 
 
 def prepare_command(folder):
@@ -32,10 +33,18 @@ def prepare_command(folder):
 
 
 def meta_path(folder):
-    """folder's meta.json, else its old meta.pkl, else None."""
+    """folder's meta.json, else its old meta.pkl, else None; a DataError when one is there but
+    is not a regular file (a FIFO would block the read), or when a prepare was killed before
+    writing it (its temporary meta.json is there)."""
+    again = f"prepare the dataset again ({prepare_command(folder)})"
     for name in (META, OLD_META):
-        if (Path(folder) / name).is_file():
-            return Path(folder) / name
+        path = Path(folder) / name
+        if path.is_file():
+            return path
+        if path.exists():
+            raise DataError(f"{path} is not a regular file; {again}")
+    if any(Path(folder).glob(f".{META}.tmp*")):
+        raise DataError(f"{folder} has .bin files but no {META}: a prepare was cut short; {again}")
     return None
 
 
@@ -58,9 +67,40 @@ def read_meta(folder):
         meta = read_old_meta(path, again)
     if not isinstance(meta, dict):
         raise DataError(f"{path} holds a {type(meta).__name__}, not a dict; {again}")
+    check_meta(meta, path, again)
     if isinstance(meta.get("itos"), dict):
         meta["itos"] = {int(i): ch for i, ch in meta["itos"].items()}  # JSON keys are strings
     return meta
+
+
+def check_meta(meta, path, again):
+    """A DataError naming the field of a meta whose value has the wrong type."""
+    itos, counts = meta.get("itos", {}), meta.get("split_tokens", {})
+    fields = {"vocab_size": type(meta.get("vocab_size")) is int and meta["vocab_size"] > 0,
+              "dtype": isinstance(meta.get("dtype", ""), str),
+              "tokenizer": isinstance(meta.get("tokenizer", ""), str),
+              "itos": isinstance(itos, dict) and all(
+                  str(i).isdigit() and isinstance(ch, str) for i, ch in itos.items()),
+              "split_tokens": isinstance(counts, dict) and all(
+                  type(n) is int and n >= 0 for n in counts.values())}
+    for key, ok in fields.items():
+        if not ok:
+            raise DataError(f"{path} has {key}={repr(meta.get(key))[:60]}, not what a prepare "
+                            f"writes; {again}")
+
+
+def vocabulary_difference(a, b):
+    """How dataset meta b's tokens differ from meta a's, as a phrase, or None when they are the
+    same tokens (or a is unknown): the same character at each id, the same tokenizer.json."""
+    if a is None:
+        return None
+    itos_a, itos_b = a.get("itos") or {}, (b or {}).get("itos") or {}
+    for i in sorted(set(itos_a) | set(itos_b)):
+        if itos_a.get(i) != itos_b.get(i):
+            return f"id {i} is {itos_a.get(i)!r} in one, {itos_b.get(i)!r} in the other"
+    if a.get("tokenizer_json") != (b or {}).get("tokenizer_json"):
+        return "another tokenizer.json"
+    return None
 
 
 class Data:
@@ -88,9 +128,9 @@ class Data:
                               f"({prepare_command(self.folder)})")
         self.dtype = np.dtype(dtype)
         self.tokens, self.sizes = {}, {}  # of each split as the run starts; a change: DataError
+        counts = (self.meta or {}).pop("split_tokens", {})  # the data's, not the tokenizer's
         for split in ("train", "val"):
-            self.sizes[split] = (self.folder / f"{split}.bin").stat().st_size
-            n = self.sizes[split] // self.dtype.itemsize
+            n = self.check_split(split, counts.get(split))
             if n <= self.block_size:
                 raise ConfigError(f"{self.folder / f'{split}.bin'} has {n} tokens, too few for "
                                   f"block_size={self.block_size}; use more text or a smaller "
@@ -100,6 +140,34 @@ class Data:
         # N processes see exactly the batches one process sees with N times the accumulation
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)  # checkpointed, for exact resume
+
+    def check_split(self, split, count):
+        """The tokens of split's .bin file, once its size is what meta.json says (count, or whole
+        ids of its dtype) and the ids at its two ends are below vocab_size; else a DataError."""
+        path, width = self.folder / f"{split}.bin", self.dtype.itemsize
+        again = f"prepare the dataset again ({prepare_command(self.folder)})"
+        if not path.is_file():
+            raise DataError(f"{path} is not a regular file; {again}")
+        self.sizes[split] = size = path.stat().st_size
+        if size % width or count is not None and size != count * width:
+            said = f"{count:,} {self.dtype} ids" if count is not None else f"{self.dtype} ids"
+            raise DataError(f"{path} is {size:,} bytes, not the {said} its {META} says (files of "
+                            f"two prepares, or one cut short?); {again}")
+        with open(path, "rb") as f:  # the two ends: a wrong dtype shows at once
+            head = np.frombuffer(f.read(CHECKED * width), dtype=self.dtype)
+            f.seek(max(0, size - CHECKED * width))
+            ids = np.concatenate([head, np.frombuffer(f.read(), dtype=self.dtype)])
+        if ids.size and int(ids.max()) >= self.vocab_size:
+            raise self.beyond(split, int(ids.max()))
+        if self.dtype == np.uint16 and head.size >= 64 and head[::2].any() and not head[1::2].any():
+            raise DataError(f"{path}: every second id is 0, as uint32 ids read as the uint16 its "
+                            f"{META} says would be; {again}")
+        return size // width
+
+    def beyond(self, split, token):
+        return DataError(f"{self.folder / f'{split}.bin'} holds token id {token}, beyond the "
+                         f"{self.vocab_size} of its vocabulary ({META}'s vocab_size, or GPT-2's); "
+                         f"prepare the dataset again ({prepare_command(self.folder)})")
 
     def ensure_prepared(self, cfg):
         if (self.folder / "train.bin").exists() and (self.folder / "val.bin").exists():
@@ -178,6 +246,8 @@ class Data:
                 if len(chunk) != (T + 1) * width:  # cut short since open_split checked its size
                     raise self.changed(split, (i * width + len(chunk)) // width)
                 windows[row] = np.frombuffer(chunk, dtype=self.dtype)
+        if int(windows.max()) >= self.vocab_size:  # an IndexError deep in the model, else
+            raise self.beyond(split, int(windows.max()))
         windows = torch.from_numpy(windows.astype(np.int64))
         x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         if self.device.startswith("cuda"):

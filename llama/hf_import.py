@@ -99,10 +99,10 @@ def _args_from_config(config, folder):
     act = {"relu2": "relu2", "silu": "swiglu"}.get(hidden_act if isinstance(hidden_act, str)
                                                    else None)
     odd = {k: config[k] for k in ("attention_bias", "mlp_bias") if config.get(k)}
-    if act is None or odd or rope.get("rope_type", "default") != "default":
+    rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": the older name
+    if act is None or odd or rope_type != "default":
         raise ExportError(f"'{folder}' uses options BitGPT's LLaMA does not have (hidden_act "
-                          f"{hidden_act!r}, {odd or 'no biases'}, rope "
-                          f"{rope.get('rope_type', 'default')!r})")
+                          f"{hidden_act!r}, {odd or 'no biases'}, rope {rope_type!r})")
     quant = config.get("quantization_config") or {}
     return dict(
         vocab_size=config["vocab_size"], n_embd=hidden, ffn_hidden=config["intermediate_size"],
@@ -188,7 +188,14 @@ def _fill(param, table, name, multiplies):
         param.copy_(w)
         return
     scale = read_tensor(table[name + "_scale"]).float().reshape(())
-    latent_weight(unpack_2bit_rows(w), 1 / scale if multiplies else scale, out=param)
+    t = unpack_2bit_rows(w)
+    what = None if math.isfinite(scale) and scale > 0 else f"weight_scale {scale.item()}"
+    if what is None and t.numel() and t.abs().max() > 1:
+        what = "2-bit codes of 3, beyond the three ternary values"
+    if what:
+        raise ExportError(f"'{table[name].file}' holds {name} with {what}; export the model "
+                          f"again")
+    latent_weight(t, 1 / scale if multiplies else scale, out=param)
 
 
 def inference_model(folder):

@@ -26,6 +26,14 @@ def test_unknown_key_names_close_matches():
         parse_args(DEFAULTS, ["--learnig_rate=1e-3"])
 
 
+def test_a_mistyped_config_file_names_the_close_one():
+    with pytest.raises(ConfigError, match="'configs/lama_1m.py' not found; did you mean "
+                                          "configs/llama_1m.py\\?"):
+        parse_args(DEFAULTS, ["configs/lama_1m.py"])
+    with pytest.raises(ConfigError, match="'gpt_800k' not found; did you mean configs/gpt_800k"):
+        parse_args(DEFAULTS, ["gpt_800k"])
+
+
 def test_wrong_type_is_refused():
     with pytest.raises(ConfigError, match="'n_layer' wants int.*float 4.5"):
         parse_args(DEFAULTS, ["--n_layer=4.5"])

@@ -21,7 +21,8 @@ TRAIN_CORE = ["bitlinear/layer.py", "common.py", "configs/__init__.py", "data/lo
 SAMPLE_CORE = ["bitlinear/layer.py", "common.py", "data/tokenizer.py", "gpt/model.py",
                "sample.py"]
 CORE = set(TRAIN_CORE + SAMPLE_CORE + ["llama/model.py"])
-MAX_FILES, MAX_LINES = 8, 1600
+# the loop, one model, the layer, the loader, and the checks of every file they read
+MAX_FILES, MAX_LINES = 8, 1760
 # Where the core may load an extension: one named place per setting that asks for one
 # (file, the function holding the import, the module it imports).
 SEAMS = {

@@ -159,6 +159,28 @@ def test_an_interrupted_download_leaves_no_file(tmp_path, monkeypatch):
     assert (tmp_path / "input.txt").read_text() == "whole text"
 
 
+def test_tiny_shakespeare_offline(tmp_path, monkeypatch):
+    """Offline, the text comes from the other Shakespeare dataset's copy; with none, the error
+    names the prepare command that takes --input (train.py has no such key)."""
+    import urllib.request
+
+    import data.common as common
+
+    def offline(url):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.delenv(common.TINYSHAKESPEARE_ENV, raising=False)
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
+    (tmp_path / "data" / "shakespeare_char" / "input.txt").write_text("First Citizen:")
+    assert common.tinyshakespeare_text(tmp_path / "data" / "shakespeare") == "First Citizen:"
+    (tmp_path / "data" / "shakespeare_char" / "input.txt").unlink()
+    with pytest.raises(common.DataError, match=r"offline\? put the text at .*input.txt, or run "
+                       r"python -m data.shakespeare.prepare --out=.* --input=/path/input.txt"):
+        common.tinyshakespeare_text(tmp_path / "data" / "shakespeare")
+
+
 # ---- meta: JSON, and old meta.pkl files only as plain values ---------------------------------
 
 def tiny(tmp_path, name="ds", meta=None, **cfg):
@@ -179,7 +201,9 @@ def test_meta_is_json_with_the_same_dict(tmp_path):
     cfg = tiny(tmp_path)
     written = json.loads((tmp_path / "ds" / "meta.json").read_text())
     assert written["itos"] == {"0": "a", "1": "b", "2": "é"}  # JSON's keys are strings
-    assert read_meta(tmp_path / "ds") == char_meta(["a", "b", "é"])  # read back as written
+    # read back as written, with the token count of each .bin file
+    assert read_meta(tmp_path / "ds") == dict(char_meta(["a", "b", "é"]),
+                                              split_tokens={"train": 120, "val": 60})
     assert Data(cfg, "cpu", 0).meta == char_meta(["a", "b", "é"])
 
 

@@ -69,7 +69,7 @@ def train_gpt(data_dir, tmp_path_factory):
 
 def llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip "
-                               "install -r requirements-dev.txt (CI builds it)")
+                               "install -r requirements-llamacpp.txt (builds llama.cpp; CI does)")
 
 
 def export_gguf(out, *args):
@@ -360,6 +360,16 @@ def test_unexportable_models_are_refused_in_one_line(train_llama, train_gpt):
             export_main([f"--out_dir={out}", "--format=gguf", "--qtype=q8_0"])
         with pytest.raises(SystemExit, match="not bf16"):
             export_main([f"--out_dir={out}", "--format=gguf", "--float_dtype=bf16"])
+
+
+def test_bench_export_fits_the_context_before_any_work(train_gpt, monkeypatch):
+    import tools.bench_export as bench_export
+    cfg = bench_export.DEFAULTS
+    assert bench_export.fit_context(cfg, 64) == dict(cfg, prompt_tokens=32, new_tokens=31)
+    monkeypatch.setattr(bench_export, "export_main", lambda argv: pytest.fail("exported"))
+    with pytest.raises(SystemExit, match=r"\(60 \+ 4\) must be below the model's block_size=64"):
+        bench_main([f"--ckpt={train_gpt(**GPT) / 'ckpt.pt'}", "--prompt_tokens=60",
+                    "--new_tokens=4"])
 
 
 @pytest.mark.parametrize("arch,over", [("llama", BITNET), ("gpt", GPT), ("gpt", dict(n_embd=128))],

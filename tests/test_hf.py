@@ -172,8 +172,8 @@ def test_export_never_overwrites_a_folder_it_did_not_write(train_llama, tmp_path
     export_main([f"--out_dir={out}", "--format=hf", f"--to={dst}"])
     export_main([f"--out_dir={out}", "--format=hf", f"--to={dst}"])  # again: replaced whole
     assert sorted(p.name for p in dst.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-        "tokenizer_config.json"]
+        "bitgpt_export.json", "config.json", "generation_config.json", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json"]
     assert not list(tmp_path.glob(".hf*"))
 
 

@@ -6,6 +6,7 @@ by the real writers (save_packed, save_hf) and then edited.
 """
 
 import json
+import os
 import shutil
 import signal
 import string
@@ -14,18 +15,22 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from bitlinear.hf import ExportError
 from bitlinear.packed_file import save_packed
-from common import CheckpointError, build_model
-from data.common import char_meta
+from common import CheckpointError, ConfigError, DataError, build_model, save_checkpoint
+from data.common import char_meta, write_splits
+from data.loader import Data
 from llama.hf import save_hf
 from llama.hf_import import load_hf
-from sample import load_model
+from sample import load_model, read_prompt
 from tests.conftest import ROOT
+from train import DEFAULTS, train
 from train import main as train_main
 
 CHARS = sorted(set(string.printable))[:65]
@@ -294,6 +299,173 @@ def test_sample_refuses_a_small_file_that_claims_a_million_layers(packed, tmp_pa
     assert "model_args describe a gpt model larger than" in lines[0]
 
 
+def test_a_ternary_code_of_3_is_refused(packed, tmp_path):
+    header, data = split(packed["gpt"])
+    e = entry(header, kind="ternary2")
+    raw = bytearray(packed["gpt"])
+    raw[len(raw) - len(data) + e["offset"]] = 0xFF  # four codes 3: weights of +2
+    refused(tmp_path, bytes(raw), f"tensor {e['name']} holds codes beyond the three ternary")
+
+
+# ---- training checkpoints -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A small checkpoint of a tiny untrained GPT: its model and model_args, no optimizer."""
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+    torch.manual_seed(0)
+    save_checkpoint({"arch": "gpt", "model_args": GPT, "meta": char_meta(CHARS),
+                     "model": build_model("gpt", GPT).state_dict()}, path)
+    load_model(path)  # as written, it loads
+    return path
+
+
+def test_a_checkpoint_claiming_a_million_layers_is_refused(ckpt, tiny_cfg, tmp_path):
+    """sample.py, export.py and --init_from: one line, nothing built on model_args' word."""
+    raw = torch.load(ckpt, weights_only=True)
+    path = tmp_path / "huge.pt"
+    save_checkpoint(dict(raw, model_args=dict(GPT, n_layer=1000000), meta=None), path)
+    match = "does not fit this code's 'gpt' model .its model_args have n_layer=1000000, its " \
+        "weights 2 layers"
+    with within(20), pytest.raises(CheckpointError, match=match) as e:
+        load_model(path)
+    one_line(e)
+    with within(20), pytest.raises(CheckpointError, match=match):
+        train(dict(tiny_cfg, init_from=str(path)))
+    save_checkpoint(dict(raw, model_args=dict(GPT, n_embd=10**6), meta=None), path)
+    with within(20), pytest.raises(CheckpointError, match="model_args have n_embd=1000000, "
+                                                          r"beyond its weights' largest dimension "
+                                                          r"\(128\)"):
+        load_model(path)
+
+
+def test_resuming_needs_what_a_run_saves(ckpt, tiny_cfg):
+    out = Path(tiny_cfg["out_dir"])
+    out.mkdir(parents=True)
+    shutil.copy(ckpt, out / "ckpt.pt")  # weights only: no optimizer, step or random state
+    with pytest.raises(CheckpointError, match="lacks optimizer, scaler, iter_num, .*cannot "
+                                              "resume a run; start .* --init_from="):
+        train(dict(tiny_cfg, init_from="resume"))
+    train(dict(tiny_cfg, max_iters=10, overwrite=True))
+    with pytest.raises(ConfigError, match="block_size=64 is longer than the 32 positions of "
+                                          ".*ckpt.pt's model; resume with --block_size=32"):
+        train(dict(tiny_cfg, init_from="resume", block_size=64))
+
+
+def test_resuming_on_another_character_mapping_is_refused(tiny_cfg, tmp_path):
+    train(dict(tiny_cfg, max_iters=10))
+    other = shutil.copytree(Path(tiny_cfg["data_dir"], "shakespeare_char"),
+                            tmp_path / "data" / "shakespeare_char")
+    meta = json.loads((other / "meta.json").read_text())
+    a, b = meta["itos"]["40"], meta["itos"]["41"]  # the same 65 characters, two swapped
+    meta["itos"]["40"], meta["itos"]["41"] = b, a
+    meta["stoi"][a], meta["stoi"][b] = 41, 40
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=f"checkpoint's tokens are not dataset "
+                                          f"'shakespeare_char''s .id 40 is {a!r} in one, {b!r} "
+                                          f"in the other"):
+        train(dict(tiny_cfg, init_from="resume", data_dir=str(tmp_path / "data")))
+    with pytest.raises(ConfigError, match="tokens are not dataset"):
+        train(dict(tiny_cfg, init_from=str(Path(tiny_cfg["out_dir"], "ckpt.pt")),
+                   data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "o")))
+
+
+# ---- datasets -------------------------------------------------------------------------------
+
+def dataset(tmp_path, train_ids, meta=None, dtype=None):
+    """tmp_path/ds written by the prepare scripts' writer, its train.bin then replaced by
+    train_ids as dtype (None: as written); returns the config that reads it."""
+    meta = meta or char_meta(CHARS)
+    write_splits(np.arange(600) % 65, np.arange(300) % 65, tmp_path / "ds", meta)
+    if dtype is not None:
+        np.asarray(train_ids, dtype=dtype).tofile(tmp_path / "ds" / "train.bin")
+    return dict(DEFAULTS, data_dir=str(tmp_path), dataset="ds", block_size=8, batch_size=2)
+
+
+def data_error(cfg, match):
+    with within(20), pytest.raises(DataError, match=match) as e:
+        Data(cfg, "cpu", 0)
+    return one_line(e)
+
+
+def test_bin_files_are_checked_against_meta(tmp_path):
+    """A size that is not meta.json's, a dtype that is not the files', ids beyond the
+    vocabulary: one line naming the file, before any training."""
+    cfg = dataset(tmp_path, None)
+    Data(cfg, "cpu", 0)  # as written, it loads
+    meta_file = tmp_path / "ds" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    dataset(tmp_path, np.arange(600) % 65, dtype=np.uint32)  # the same ids, 4 bytes each
+    data_error(cfg, "train.bin is 2,400 bytes, not the 600 uint16 ids its meta.json says")
+    meta.pop("split_tokens")  # a meta.json of before the counts
+    meta_file.write_text(json.dumps(meta))
+    data_error(cfg, "every second id is 0, as uint32 ids read as the uint16")
+    (tmp_path / "ds" / "train.bin").write_bytes(b"\0" * 1201)
+    data_error(cfg, "train.bin is 1,201 bytes, not the uint16 ids its meta.json says")
+    ids = np.arange(20000) % 65
+    ids[5000:15000] = 70  # in the middle: not among the ids checked as the run starts
+    ids.astype(np.uint16).tofile(tmp_path / "ds" / "train.bin")
+    data = Data(cfg, "cpu", 0)
+    with pytest.raises(DataError, match="train.bin holds token id 70, beyond the 65 of its "
+                                        "vocabulary"):
+        for _ in range(100):
+            data.batch("train")
+    ids[-1] = 1000
+    ids.astype(np.uint16).tofile(tmp_path / "ds" / "train.bin")
+    data_error(cfg, "train.bin holds token id 1000, beyond the 65")
+
+
+@pytest.mark.parametrize("field, value", [("vocab_size", "65"), ("vocab_size", None),
+                                          ("itos", ["a", "b"]), ("dtype", 16),
+                                          ("split_tokens", {"train": -1})])
+def test_meta_fields_of_the_wrong_type_are_one_line(tmp_path, field, value):
+    cfg = dataset(tmp_path, None)
+    path = tmp_path / "ds" / "meta.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **{field: value})))
+    data_error(cfg, f"meta.json has {field}=.*, not what a prepare writes; prepare the dataset")
+
+
+def test_a_dataset_swap_killed_halfway_is_refused(tmp_path):
+    """SIGKILL between the renames of a prepare: meta.json is renamed first, so the .bin files
+    beside it are the old ones, of other sizes; and .bin files whose meta.json never came (a
+    prepare of before) are not taken for nanoGPT's GPT-2 data."""
+    cfg = dataset(tmp_path, None)
+    kill_after_first_rename = (
+        "import os, signal, numpy as np; from data.common import char_meta, write_splits; "
+        "real = os.replace; os.replace = lambda a, b: (real(a, b), os.kill(os.getpid(), "
+        "signal.SIGKILL)); "
+        f"write_splits(np.arange(900) % 3, np.arange(90) % 3, {str(tmp_path / 'ds')!r}, "
+        "char_meta(['a', 'b', 'c']))")
+    r = subprocess.run([sys.executable, "-c", kill_after_first_rename], cwd=ROOT)
+    assert r.returncode == -signal.SIGKILL
+    assert json.loads((tmp_path / "ds" / "meta.json").read_text())["vocab_size"] == 3
+    data_error(cfg, "train.bin is 1,200 bytes, not the 900 uint16 ids its meta.json says .files "
+                    "of two prepares, or one cut short")
+    (tmp_path / "ds" / "meta.json").rename(tmp_path / "ds" / ".meta.json.tmp99999999")
+    data_error(cfg, "has .bin files but no meta.json: a prepare was cut short; prepare the")
+    write_splits(np.arange(90) % 3, np.arange(90) % 3, tmp_path / "ds", char_meta(list("abc")))
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [
+        "meta.json", "train.bin", "val.bin"]  # the next prepare cleans up after the killed ones
+    Data(cfg, "cpu", 0)
+
+
+@pytest.mark.parametrize("name", ["meta.json", "train.bin"])
+def test_a_fifo_in_a_dataset_is_refused_not_waited_on(tmp_path, name):
+    cfg = dataset(tmp_path, None)
+    (tmp_path / "ds" / name).unlink()
+    os.mkfifo(tmp_path / "ds" / name)
+    data_error(cfg, f"{name} is not a regular file")
+
+
+def test_prompt_files_that_are_not_text_are_one_line(tmp_path):
+    (tmp_path / "bin").write_bytes(b"ROMEO\xff\xfe:")
+    with pytest.raises(ConfigError, match="is not UTF-8 text .byte 0xff at offset 5."):
+        read_prompt(f"FILE:{tmp_path / 'bin'}")
+    os.mkfifo(tmp_path / "fifo")
+    with within(10), pytest.raises(ConfigError, match="not found .or not a regular file."):
+        read_prompt(f"FILE:{tmp_path / 'fifo'}")
+
+
 # ---- transformers folders (--init_from) -----------------------------------------------------
 
 safetensors = pytest.importorskip("safetensors.torch", reason="safetensors is not installed: "
@@ -434,3 +606,36 @@ def test_init_from_refuses_a_folder_that_claims_a_million_layers(hf_copy, tiny_c
                                                      "model.safetensors holds layers 0 to 1"):
         train_main([f"--data_dir={tiny_cfg['data_dir']}", "--arch=llama", "--device=cpu",
                     f"--init_from={hf_copy}", f"--out_dir={tmp_path / 'o'}"])
+
+
+def test_a_fifo_in_a_transformers_folder_is_refused_not_waited_on(hf_copy):
+    (hf_copy / "model.safetensors").unlink()
+    os.mkfifo(hf_copy / "model.safetensors")
+    import_error(hf_copy, "model.safetensors' is not a readable safetensors file .not a regular "
+                          "file.")
+    (hf_copy / "config.json").unlink()
+    os.mkfifo(hf_copy / "config.json")
+    import_error(hf_copy, "is not a transformers model folder .no config.json file.")
+
+
+def test_a_folder_that_is_not_a_transformers_folder_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path}", "--device=cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: '{tmp_path}' is not a transformers model folder (no config.json file); give a "
+        f"checkpoint (.pt), a .bitnet file, or such a folder")
+
+
+def test_rope_scaling_in_its_older_spelling_is_refused(hf_copy):
+    edit_config(hf_copy, rope_scaling={"type": "linear", "factor": 4})
+    import_error(hf_copy, "uses options BitGPT's LLaMA does not have .* rope 'linear'")
+
+
+@pytest.mark.parametrize("scale", [-1.0, float("inf"), 0.0])
+def test_weight_scales_must_be_positive_and_finite(hf_copy, scale):
+    path = hf_copy / "model.safetensors"
+    tensors = safetensors.load_file(path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name + "_scale"] = torch.full_like(tensors[name + "_scale"], scale)
+    safetensors.save_file(tensors, path)
+    import_error(hf_copy, f"holds {name} with weight_scale {scale}; export the model again")

@@ -185,3 +185,98 @@ def test_ctrl_c_during_an_export_leaves_the_old_file_and_one_line(tiny_cfg, monk
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: interrupted (Ctrl-C); no file was left half-written")
     assert (out / "model.bitnet").read_bytes() == before and not list(out.glob(".model.bitnet*"))
+
+
+def test_an_hf_export_replaces_only_a_folder_it_wrote(tiny_cfg, tmp_path):
+    pytest.importorskip("safetensors", reason="pip install -r requirements-dev.txt")
+    from export import DEFAULTS as EXPORT
+    from export import export
+    train(dict(tiny_cfg, max_iters=2))
+    hf = dict(EXPORT, out_dir=tiny_cfg["out_dir"], format="hf")
+    mine = tmp_path / "mine"  # a downloaded model with the user's notes and sources
+    (mine / "src").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "notes.txt", "src/a.py"):
+        (mine / name).write_text(name)
+    with pytest.raises(ConfigError, match="is not an exported model folder .no "
+                                          "bitgpt_export.json.: replacing it would delete"):
+        export(dict(hf, to=str(mine)))
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == [
+        "config.json", "model.safetensors", "notes.txt", "src", "src/a.py"]
+    assert (mine / "model.safetensors").read_text() == "model.safetensors"
+    dst = export(dict(hf, to=str(tmp_path / "hf")))
+    export(dict(hf, to=str(dst)))  # its own folder: replaced
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds files the export did not write \(notes.txt\)"):
+        export(dict(hf, to=str(dst)))
+    assert (dst / "notes.txt").read_text() == "mine"
+
+
+KILL = ("import os, signal, sys; from pathlib import Path; import export; "
+        "cm = export.atomic_folder(Path(sys.argv[1])); tmp = cm.__enter__(); tmp.mkdir(); "
+        "(tmp / 'f').write_text('new'); {patch}; cm.__exit__(None, None, None)")
+
+
+@pytest.mark.parametrize("patch, left", [
+    # killed after the swap, before the old folder is deleted
+    ("export.remove = lambda p: os.kill(os.getpid(), signal.SIGKILL)", "new"),
+    # where folders cannot be swapped in one step: killed between the two renames
+    ("export.exchange = lambda a, b: False; real = Path.rename; "
+     "Path.rename = lambda s, t: (real(s, t), os.kill(os.getpid(), signal.SIGKILL))", None),
+])
+def test_a_folder_swap_killed_halfway_leaves_the_old_or_the_new(tmp_path, patch, left):
+    from export import atomic_folder
+    dst = tmp_path / "hf"
+    dst.mkdir()
+    (dst / "f").write_text("old")
+    r = subprocess.run([sys.executable, "-c", KILL.format(patch=patch), str(dst)], cwd=ROOT)
+    assert r.returncode == -signal.SIGKILL
+    if left:
+        assert (dst / "f").read_text() == left
+    # the next write to the same place cleans up, and puts back an old folder left aside
+    with pytest.raises(RuntimeError), atomic_folder(dst):
+        raise RuntimeError("a failed write")
+    assert (dst / "f").read_text() == (left or "old") and os.listdir(tmp_path) == ["hf"]
+
+
+def test_a_stray_line_in_the_log_keeps_the_records_after_it(tiny_cfg):
+    out = Path(tiny_cfg["out_dir"])
+    train(dict(tiny_cfg, max_iters=10))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], "a note", *lines[1:]]) + "\n")
+    train(dict(tiny_cfg, max_iters=20, init_from="resume"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in records if "val_loss" in m] == [0, 10, 20]
+    assert [m["step"] for m in records if "loss" in m] == [5, 10, 15, 20]
+
+
+def test_a_new_run_does_not_truncate_another_runs_log(tiny_cfg):
+    out = Path(tiny_cfg["out_dir"])
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 0, "val_loss": 4.2}\n')
+    (out / "model.bitnet").write_bytes(b"BITNET")
+    with pytest.raises(ConfigError, match="holds another run's metrics.jsonl .and no ckpt.pt to "
+                                          "resume.; choose another --out_dir, or replace it "
+                                          "with --overwrite=True"):
+        train(dict(tiny_cfg, max_iters=2))
+    assert (out / "metrics.jsonl").read_text() == '{"step": 0, "val_loss": 4.2}\n'
+    train(dict(tiny_cfg, max_iters=2, overwrite=True))
+
+
+def test_a_full_disk_during_an_export_or_a_prepare_is_one_line(tiny_cfg, tmp_path, monkeypatch):
+    import bitlinear.packed_file as packed_file
+    from data.common import BinFile, DataError, char_meta, write_splits
+    from export import DEFAULTS as EXPORT
+    from export import export
+    train(dict(tiny_cfg, max_iters=2))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(packed_file, "_tensors", full)
+    with pytest.raises(ConfigError, match="could not write .*model.bitnet' .No space left on "
+                                          "device.; what was there is intact"):
+        export(dict(EXPORT, out_dir=tiny_cfg["out_dir"]))
+    monkeypatch.setattr(BinFile, "write", full)
+    with pytest.raises(DataError, match="preparing the dataset in .*ds failed .No space left on "
+                                        "device.; the old one there, if any, is intact"):
+        write_splits([0, 1], [1, 0], tmp_path / "ds", char_meta(["a", "b"]))
+    assert not (tmp_path / "ds").exists()

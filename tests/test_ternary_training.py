@@ -246,9 +246,12 @@ def test_bad_settings_are_one_line(tiny_cfg):
                               ("lr_schedule", "linear", "lr_schedule 'linear'"),
                               ("wsd_decay", 0.0, "wsd_decay must be in"),
                               ("bit_warmup_iters", -1, "bit_warmup_iters must be at least 0"),
-                              ("distill_temperature", 0.0, "distill_temperature must be positive")):
+                              ("distill_temperature", 0.0, "distill_temperature must be positive"),
+                              ("bit_warmup_iters", tiny_cfg["max_iters"] + 1,
+                               "the quantization warm-up ends at step .*, after max_iters")):
         with pytest.raises(ConfigError, match=match):
             resolve(dict(tiny_cfg, **{key: value}))
+    resolve(dict(tiny_cfg, bit_warmup_iters=tiny_cfg["max_iters"] + 1, bitlinear=False))
 
 
 def test_group_scales_reach_the_layers(tiny_cfg):
@@ -264,8 +267,8 @@ def test_group_scales_reach_the_layers(tiny_cfg):
         want = (want * blocks.abs().mean(-1, keepdim=True)).view_as(w)
         assert torch.allclose(layers[0].quantized_weight(), want, atol=1e-7)
         assert not torch.allclose(layers[0].quantized_weight(), weight_quant(w))
-    with pytest.raises(ConfigError, match="bit_group=24 must divide"):
-        resolve(dict(DEFAULTS, device="cpu", bit_group=24))
+    with pytest.raises(ConfigError, match="bit_group=24 does not divide in_features=32"):
+        start(dict(tiny_cfg, bit_group=24))
 
 
 def test_group_scales_are_refused_by_the_exports(tiny_cfg):

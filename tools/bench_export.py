@@ -38,8 +38,9 @@ from tools import bench_inference
 SETTINGS = dict(
     ckpt=("out/ckpt.pt", "the training checkpoint (llama or gpt) to export and benchmark"),
     val_windows=(16, "windows of block_size val tokens to measure agreement on; 0: none"),
-    prompt_tokens=(64, "random prompt tokens, run as one eval (prompt processing)"),
-    new_tokens=(64, "single-token evals after the prompt (decode)"),
+    prompt_tokens=(0, "random prompt tokens, run as one eval (prompt processing); 0: half the "
+                      "model's context"),
+    new_tokens=(0, "single-token evals after the prompt (decode); 0: the rest of the context"),
     repeats=(3, "rounds of prompt and decode; the best time of each counts"),
     threads=(2, "threads of llama.cpp and of BitGPT's worker"),
     seed=(0, "random seed of the prompt"),
@@ -49,13 +50,28 @@ SETTINGS = dict(
 DEFAULTS = defaults(SETTINGS)
 
 
+INSTALL = {"llama_cpp": "pip install -r requirements-llamacpp.txt",
+           "transformers": "pip install -r requirements-dev.txt"}
+
+
 def have(module):
     try:
         __import__(module)
         return True
     except ImportError:
-        print(f"  (skipped: {module} is not installed; pip install -r requirements-dev.txt)")
+        print(f"  (skipped: {module} is not installed; {INSTALL[module]})")
         return False
+
+
+def fit_context(cfg, block):
+    """prompt_tokens and new_tokens, 0 meaning the model's context split in two, checked
+    against it before any work."""
+    prompt = cfg["prompt_tokens"] or block // 2
+    new = cfg["new_tokens"] or block - 1 - prompt
+    if new < 1 or prompt + new + 1 > block:
+        raise ConfigError(f"prompt_tokens + new_tokens ({prompt} + {new}) must be below the "
+                          f"model's block_size={block}; 0 for both fits it")
+    return dict(cfg, prompt_tokens=prompt, new_tokens=new)
 
 
 def val_windows(ckpt, n, block):
@@ -160,6 +176,7 @@ def bench(cfg):
     ckpt = load_checkpoint(cfg["ckpt"])
     model = model_from_checkpoint(ckpt, cfg["ckpt"]).eval()
     c = model.config
+    cfg = fit_context(cfg, c.block_size)
     shape = {k: v for k, v in ckpt["model_args"].items() if k in (
         "n_layer", "n_embd", "ffn_hidden", "subln", "mlp", "bias", "gelu_approximate")}
     print(f"model: {ckpt['arch']}, {model.get_num_params() / 1e6:.2f}M parameters, {shape}")
@@ -201,8 +218,6 @@ def bench(cfg):
 def speed(cfg, ckpt, bitnet_path, gguf_path, block, vocab):
     """{path: (prompt tok/s, decode tok/s)} for BitGPT's integer path as sample.py runs it and
     for llama.cpp."""
-    if cfg["prompt_tokens"] + cfg["new_tokens"] + 1 > block:
-        raise ConfigError(f"prompt_tokens + new_tokens must be below block_size={block}")
     g = torch.Generator().manual_seed(cfg["seed"])
     prompt = torch.randint(0, vocab, (cfg["prompt_tokens"],), generator=g)
     print(f"speed: batch 1, greedy, {cfg['threads']} threads, prompt {cfg['prompt_tokens']} random "

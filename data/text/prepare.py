@@ -212,8 +212,11 @@ def bpe_meta(cfg, path):
 
 def prepare(cfg):
     path, folder = check(cfg)
-    meta = None if cfg["tokenizer"] == "char" else bpe_meta(cfg, path)
     ranges = split_ranges(path, cfg["val_fraction"])
+    if cfg["tokenizer"] != "char":  # the text first: a bad file is its own error, not the BPE's
+        for _ in read_utf8(path, 0, ranges["val"][1], cfg["chunk_size"], desc="UTF-8 check"):
+            pass
+    meta = None if cfg["tokenizer"] == "char" else bpe_meta(cfg, path)
     print(f"{path}: {ranges['val'][1]:,} bytes -> {folder} ({cfg['tokenizer']} tokens; "
           f"val is the last {cfg['val_fraction']:.1%})")
     if meta is None:
