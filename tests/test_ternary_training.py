@@ -211,6 +211,16 @@ def test_float32_muon_is_torchs_update(tiny_cfg):
                                            "cpu")[0], Muon)
 
 
+def test_no_weight_decay_and_a_long_warm_down_reach_muon(tiny_cfg):
+    run = start(dict(tiny_cfg, optimizer="muon", weight_decay=0.0, lr_schedule="wsd",
+                     wsd_decay=0.8))
+    run.batch = next_batch(run)
+    train_step(run)
+    assert all(g["weight_decay"] == 0.0 for opt in run.optimizers for g in opt.param_groups)
+    cfg = dict(run.cfg, max_iters=100, lr_decay_iters=100, warmup_iters=0)
+    assert get_lr(19, cfg) == cfg["learning_rate"] > get_lr(21, cfg)  # decaying from 20% on
+
+
 def test_muon_trains_and_resumes_exactly(tiny_cfg, tmp_path):
     base = dict(tiny_cfg, optimizer="muon", max_iters=12, lr_decay_iters=12, eval_interval=4)
     first = train(dict(base, out_dir=str(tmp_path / "a"), max_iters=0))
