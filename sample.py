@@ -88,10 +88,20 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-@torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
              use_cache=True):
-    """Extend idx (B, T) by max_new_tokens sampled tokens.
+    """Extend idx (B, T) by max_new_tokens sampled tokens."""
+    for longer in generate_steps(model, idx, max_new_tokens, temperature, top_k, generator,
+                                 use_cache):
+        idx = longer
+    return idx
+
+
+@torch.no_grad()
+def generate_steps(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+                   use_cache=True):
+    """Yield idx (B, T + i) after each new token i = 1 .. max_new_tokens, for a caller that
+    stops early (at a stop string, say).
 
     Once the text outgrows the context, the model sees only its last block_size tokens, as in
     nanoGPT; with the cache that means one fresh prefill of that window per token from there on,
@@ -110,7 +120,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
             cache.length += 1
         idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator)
         idx = torch.cat((idx, idx_next), dim=1)
-    return idx
+        yield idx
 
 
 def load_model(path):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from common import ConfigError
 from data.tokenizer import Tokenizer
-from sample import KVCache
+from sample import generate_steps
 
 
 def request_texts(requests):
@@ -175,22 +175,12 @@ class BitGPTLM(TemplateLM):
         return out
 
     def greedy(self, x, until, max_new):
-        """The greedy continuations of the rows of x, each cut at its first stop string. The
-        steps are sample.generate's (the key/value cache, a fresh prefill of the last block_size
-        tokens once the text outgrows the context), so are its tokens; they end once every row
-        holds a stop string."""
-        n, block, cache, texts = x.size(1), self.block_size, None, [""] * x.size(0)
+        """The greedy continuations of the rows of x (sample.generate's tokens), each cut at its
+        first stop string; they end once every row holds a stop string."""
+        n, texts = x.size(1), [""] * x.size(0)
         with torch.no_grad(), self.autocast():
-            for _ in range(max_new):
-                if cache is None or cache.length + 1 > block:
-                    cache = KVCache(self.model.config.n_layer, block)
-                    logits, _ = self.model(x[:, -block:], cache=cache)
-                    cache.length = min(x.size(1), block)
-                else:
-                    logits, _ = self.model(x[:, -1:], cache=cache)
-                    cache.length += 1
-                x = torch.cat((x, logits[:, -1, :].argmax(-1, keepdim=True)), dim=1)
-                texts = [self.tok.decode(row) for row in x[:, n:].tolist()]
+            for ids in generate_steps(self.model, x, max_new, temperature=0):
+                texts = [self.tok.decode(row) for row in ids[:, n:].tolist()]
                 if all(any(s in t for s in until) for t in texts):
                     break
         for s in until:
