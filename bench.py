@@ -6,10 +6,10 @@
     python bench.py --memory                # every config's training memory, and the GPUs it fits
 
 Each step is train.py's own (train_step: gradient_accumulation_steps micro-batches, clipping,
-AdamW), timed after bench_warmup steps; reported are the median step time, tokens/s, peak memory
-and MFU. With --compare the ternary and the float model run in this process on the same batches,
-alternating in bench_rounds rounds so that drift in the machine's speed hits both alike, and the
-ratio of their median step times is printed.
+the optimizers), timed after bench_warmup steps; reported are the median step time, tokens/s,
+peak memory and MFU. With --compare the ternary and the float model run in this process on the
+same batches, alternating in bench_rounds rounds so that drift in the machine's speed hits both
+alike, and the ratio of their median step times is printed.
 
 MFU = model FLOPs per token (6N + 12 L H Q T, as nanoGPT and the PaLM paper count them; the
 model's flops_per_token()) x tokens/s / the device's peak FLOPS: --peak_flops if given, else the

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from bitlinear.layer import BitLinear, frozen_weights, set_quantization
+from bitlinear.muon import Muon
 from common import (
     ConfigError,
     UserError,
@@ -62,7 +63,7 @@ class Run:
     args: dict  # the model's constructor arguments, saved in the checkpoint
     raw_model: torch.nn.Module
     model: torch.nn.Module  # the one the step calls: compiled, DDP-wrapped
-    optimizers: list  # AdamW, or Muon and AdamW
+    optimizers: list  # Muon and AdamW, or AdamW
     scaler: torch.amp.GradScaler
     ctx: object  # autocast, or nothing for float32
     teacher: object = None  # distill_from's (bitlinear/convert.py)
@@ -234,8 +235,8 @@ def quantization_strength(it, cfg):
 
 
 def configure_optimizers(model, cfg, device_type):
-    """[AdamW] (fused on CUDA), or with optimizer='muon' [Muon, AdamW]: Muon for the blocks'
-    linear weights, AdamW for the rest. Each group's lr_scale multiplies the schedule's rate."""
+    """[Muon, AdamW]: Muon for the blocks' linear weights, AdamW (fused on CUDA) for the rest;
+    with optimizer='adamw', [AdamW]. Each group's lr_scale multiplies the schedule's rate."""
     bit = {id(m.weight) for m in model.modules() if isinstance(m, BitLinear)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -264,7 +265,6 @@ def configure_optimizers(model, cfg, device_type):
                                                       if (id(p) in in_blocks) == muon])
                                       for g in groups) if g["params"]]
     # torch's Muon orthogonalizes in bfloat16, slow on CPUs: there the same update in float32
-    from bitlinear.muon import Muon  # seam: --optimizer=muon
     muon = torch.optim.Muon if device_type == "cuda" else Muon
     # the "match_rms_adamw" step size: the learning rates tuned for AdamW carry over
     return [muon(split(True), lr=cfg["learning_rate"], momentum=0.95,

@@ -47,25 +47,25 @@ SETTINGS = dict(
     rope_theta=(10000.0, "llama only: rotary embedding base"),
     norm_eps=(1e-5, "llama only: RMSNorm epsilon"),
     tie_embeddings=(False, "llama only: share the token embedding with the output head"),
-    # AdamW and the learning-rate schedule
+    # the optimizers and the learning-rate schedule
     learning_rate=(1e-3, "peak learning rate"),
     bit_lr_scale=(4.0, "BitLinear weights train at learning_rate * bit_lr_scale"),
     max_iters=(2000, "optimizer steps in all"),
     max_time=(0.0, "seconds of training after which to save and stop; 0: no limit"),
-    weight_decay=(0.1, "AdamW weight decay of the linear layers"),
+    weight_decay=(0.1, "weight decay of the linear layers"),
     beta1=(0.9, "AdamW beta1"),
     beta2=(0.99, "AdamW beta2"),
     grad_clip=(1.0, "clip the gradient norm to this; 0 disables"),
     decay_lr=(True, "warm up, then decay to min_lr by lr_schedule; False: constant"),
-    lr_schedule=("cosine", "'cosine', 'two_stage' (the b1.58 training tips), or 'wsd' (warmup, "
-                 "stable, decay: constant, then linear to min_lr)"),
-    wsd_decay=(0.2, "lr_schedule='wsd': the fraction of the decay span spent decaying, at its end"),
+    lr_schedule=("wsd", "'wsd' (warmup, stable, decay: constant, then linear to min_lr), "
+                 "'cosine', or 'two_stage' (the b1.58 training tips)"),
+    wsd_decay=(0.5, "lr_schedule='wsd': the fraction of the decay span spent decaying, at its end"),
     wd_schedule=("constant", "'constant', or 'two_stage': no weight decay from mid-decay on"),
     warmup_iters=(100, "steps of linear warmup"),
     lr_decay_iters=(2000, "step at which the decay reaches min_lr"),
     min_lr=(1e-4, "learning rate at the end of the decay"),
-    optimizer=("adamw", "'adamw', or 'muon': Muon for the blocks' linear weights (BitLinear or "
-               "float), AdamW for the rest"),
+    optimizer=("muon", "'muon': Muon for the blocks' linear weights (BitLinear or float), AdamW "
+               "for the rest; or 'adamw' for all"),
     bit_decay=(True, "weight decay on the BitLinear latent weights; False: none on them"),
     # from float to ternary: a quantization warm-up, distillation
     bit_warmup_iters=(0, "steps over which BitLinear's quantizers blend in (lambda 0 -> 1), for "
@@ -144,6 +144,9 @@ def resolve(cfg):
                           f"would never train as BitLinear; shorten the warm-up or train longer")
     if not 0 < cfg["wsd_decay"] <= 1:
         raise ConfigError(f"wsd_decay must be in (0, 1], got {cfg['wsd_decay']}")
+    if cfg["fsdp"] and cfg["optimizer"] == "muon":
+        raise ConfigError("optimizer='muon' orthogonalizes whole matrices and fsdp=True holds "
+                          "shards of them: add --optimizer=adamw")
     for key in ("norm_eps", "rope_theta", "distill_temperature"):
         if cfg[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")

@@ -21,6 +21,7 @@ lr_decay_iters = 95000
 warmup_iters = 375
 weight_decay = 0.1
 beta2 = 0.95
+optimizer = 'adamw'  # the b1.58 paper's optimizer, with its two-stage schedule
 eval_interval = 1000
 eval_iters = 100
 out_dir = 'out-llama_700m'

@@ -58,12 +58,13 @@ def saved_activations(model, batch_size):
 
 
 def training_memory(arch, args, batch_size, dtype="bfloat16", shards=1,
-                    activation_checkpointing=False):
+                    activation_checkpointing=False, optimizer="adamw"):
     """Estimated bytes one process needs to train the model, counted on the meta device:
 
     - float32 weights, gradients and AdamW's two moments: 16 bytes a parameter, and under
       autocast its 16-bit copy of each weight: 2 more; all divided by `shards` under FSDP,
       which then holds two whole blocks at a time (the one running and the next, prefetched);
+      Muon keeps one moment, not two, of the blocks' linear weights: 4 bytes less for each;
     - the activations kept for the backward (saved_activations), in dtype; with activation
       checkpointing only each block's input, plus one block's activations while it recomputes;
     - a float32 logits-sized gradient.
@@ -72,6 +73,9 @@ def training_memory(arch, args, batch_size, dtype="bfloat16", shards=1,
         model = build_model(arch, args).to(getattr(torch, dtype))
     n = sum(p.numel() for p in model.parameters())
     state = (16 + (0 if dtype == "float32" else 2)) * n
+    if optimizer == "muon":
+        state -= 4 * sum(m.weight.numel() for m in blocks(model).modules()
+                         if isinstance(m, torch.nn.Linear))
     if shards > 1:
         biggest = max(sum(p.numel() for p in b.parameters()) for b in blocks(model))
         state = state / shards + 2 * 4 * biggest
@@ -128,7 +132,8 @@ def config_table():
              "weights", "memory")]
     for path, cfg, args, params, (ternary, full) in configs():
         dtype = train_dtype(params)
-        mem = training_memory(cfg["arch"], args, cfg["batch_size"], dtype)
+        mem = training_memory(cfg["arch"], args, cfg["batch_size"], dtype,
+                              optimizer=cfg["optimizer"])
         rows.append((f"configs/{path.name}", cfg["arch"], count(params),
                      f"{cfg['n_layer']} x {cfg['n_embd']}, {cfg['block_size']}", cfg["dataset"],
                      str(cfg["batch_size"]), f"{size(ternary)} / {size(full)}",
@@ -152,7 +157,7 @@ def memory_table(gpus=8):
                                                 if b < g * 1e9 * 0.9), " (>80)")
     for path, cfg, args, params, _ in configs():
         need = [training_memory(cfg["arch"], args, cfg["batch_size"], train_dtype(params),
-                                shards, ckpt)
+                                shards, ckpt, cfg["optimizer"])
                 for shards in (1, gpus) for ckpt in (False, True)]
         rows.append(f"| {path.stem} | {count(params)} | {cfg['batch_size']} | "
                     + " | ".join(map(fit, need)) + " |")

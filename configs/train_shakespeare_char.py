@@ -33,5 +33,7 @@ max_iters = 5000
 lr_decay_iters = 5000  # usually equal to max_iters
 min_lr = 1e-4  # learning_rate / 10
 beta2 = 0.99  # a bit larger, as tokens per step are few
+optimizer = 'adamw'  # nanoGPT's optimizer and schedule, so its numbers repeat here
+lr_schedule = 'cosine'
 
 warmup_iters = 100

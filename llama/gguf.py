@@ -77,6 +77,13 @@ def add_hparams(writer, args):
     writer.add_vocab_size(args["vocab_size"])
 
 
+def llama_cpp_rows(w, kind, args, arch):
+    """llama.cpp's 'llama' RoPE pairs adjacent dims: the rows of wq and wk permuted per head."""
+    if arch == "llama" and kind in ("wq", "wk"):
+        return rope_pairs_adjacent(w, args["n_head"] if kind == "wq" else args["n_kv_head"])
+    return w
+
+
 @torch.no_grad()
 def add_tensors(out, model, args, arch):
     """out: a Tensors. Ternary projections with d = 1 and their exact scale beside them."""
@@ -85,17 +92,15 @@ def add_tensors(out, model, args, arch):
         if key == "output.weight" and args["tie_embeddings"]:
             continue
         name, kind = gguf_name(key), key.rsplit(".", 2)[-2]
-        if arch == "llama" and kind in ("wq", "wk"):
-            w = rope_pairs_adjacent(w, args["n_head"] if kind == "wq" else args["n_kv_head"])
         if kind in LINEARS and ternary:
-            t, s = ternarize(w)
-            out.ternary(name, t)
+            t, s = ternarize(w)  # before any permutation: the scale is the checkpoint's to the bit
+            out.ternary(name, llama_cpp_rows(t, kind, args, arch))
             out.writer.add_tensor(name.replace(".weight", ".scale"),
                                   np.array([1.0 / s.item()], dtype=np.float32))
         elif key in ("tok_embeddings.weight", "output.weight"):
             out.add(name, w, out.embed)
         elif kind in LINEARS:
-            out.add(name, w, out.float)
+            out.add(name, llama_cpp_rows(w, kind, args, arch), out.float)
         else:
             out.norm(name, w)
 

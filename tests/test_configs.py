@@ -17,20 +17,27 @@ from configs.table import (
     weight_bytes,
 )
 from tests.conftest import ROOT
-from train import get_lr, get_weight_decay, next_batch, start, train_step
+from train import (
+    configure_optimizers,
+    get_lr,
+    get_weight_decay,
+    next_batch,
+    start,
+    train_step,
+)
 
 CONFIGS = config_files()
 
 # each config's parameter count and training memory (at its batch_size and dtype): the ladder's
 # promise, checked against what the code builds
 LADDER = {
-    "gpt_50k": (51.5e3, 8.45e6, "float32"), "gpt_200k": (201e3, 18.3e6, "float32"),
-    "gpt_800k": (0.80e6, 44e6, "float32"), "gpt_3m": (3.17e6, 119e6, "float32"),
+    "gpt_50k": (51.5e3, 8.25e6, "float32"), "gpt_200k": (201e3, 17.6e6, "float32"),
+    "gpt_800k": (0.80e6, 40.9e6, "float32"), "gpt_3m": (3.17e6, 106e6, "float32"),
     "gpt_10m": (10.65e6, 1.7e9, "bfloat16"), "train_shakespeare_char": (10.65e6, 1.7e9, "bfloat16"),
     "gpt2_124m": (124e6, 10e9, "bfloat16"), "gpt2_350m": (354e6, 21e9, "bfloat16"),
     "gpt2_774m": (772e6, 38.4e9, "bfloat16"), "gpt2_1.5b": (1.56e9, 66.9e9, "bfloat16"),
-    "llama_50k": (54e3, 10.7e6, "float32"), "llama_1m": (0.87e6, 59.9e6, "float32"),
-    "llama_3m": (3.25e6, 146e6, "float32"), "llama_bitnet_5m": (4.74e6, 258e6, "float32"),
+    "llama_50k": (54e3, 10.5e6, "float32"), "llama_1m": (0.87e6, 56.5e6, "float32"),
+    "llama_3m": (3.25e6, 133e6, "float32"), "llama_bitnet_5m": (4.74e6, 239e6, "float32"),
     "llama_70m": (71.4e6, 12.9e9, "bfloat16"), "llama_700m": (834e6, 56.2e9, "bfloat16"),
     "llama_1.3b": (1.44e9, 54.4e9, "bfloat16"), "llama_3b": (3.54e9, 112e9, "bfloat16"),
 }
@@ -49,7 +56,7 @@ def test_config_builds_at_its_size_and_memory(path):
     with torch.device("meta"):  # no memory, even for 3B parameters
         assert build_model(cfg["arch"], args).get_num_params() == n
     assert abs(n - params) / n < 0.02, (n, params)
-    need = training_memory(cfg["arch"], args, cfg["batch_size"], dtype)
+    need = training_memory(cfg["arch"], args, cfg["batch_size"], dtype, optimizer=cfg["optimizer"])
     assert abs(need - memory) / need < 0.02, (need / 1e9, memory / 1e9)
 
 
@@ -83,6 +90,27 @@ def test_memory_estimate_counts_what_autograd_really_saves(arch):
     assert training_memory(arch, args, 3, "float32") == pytest.approx(real, rel=1e-3)
 
 
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_memory_estimate_counts_the_moments_a_muon_step_keeps(arch):
+    """Muon holds one moment of the blocks' linear weights where AdamW holds two: the estimate
+    drops by the bytes the optimizers really stop keeping."""
+    args = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=65)
+    kept = {}
+    for optimizer in ("adamw", "muon"):
+        torch.manual_seed(0)
+        model = build_model(arch, args)
+        cfg = dict(resolve(parse_args(DEFAULTS, [])), optimizer=optimizer)
+        optimizers = configure_optimizers(model, cfg, "cpu")
+        idx = torch.randint(0, 65, (3, 32))
+        model(idx, idx)[1].backward()
+        for opt in optimizers:
+            opt.step()
+        kept[optimizer] = sum(t.nbytes for opt in optimizers for state in opt.state.values()
+                              for t in state.values() if t.dim() > 0)
+    estimate = {o: training_memory(arch, args, 3, "float32", optimizer=o) for o in kept}
+    assert kept["adamw"] - kept["muon"] > 0
+    assert estimate["adamw"] - estimate["muon"] == kept["adamw"] - kept["muon"]
+
 @pytest.mark.parametrize("bitlinear", [True, False])
 def test_weight_bytes_counts_ternary_weights_at_their_bits(bitlinear):
     """A GPT block holds 12 C^2 linear weights (qkv 3, proj 1, fc 4, proj 4): ternary at 2 or
@@ -104,7 +132,8 @@ def test_list_configs_prints_every_config():
         line = next(ln for ln in r.stdout.splitlines() if f"configs/{path.name} " in ln)
         cfg, args, n, _ = config_facts(path)
         dtype = LADDER[path.stem][2]
-        memory = training_memory(cfg["arch"], args, cfg["batch_size"], dtype)
+        memory = training_memory(cfg["arch"], args, cfg["batch_size"], dtype,
+                                 optimizer=cfg["optimizer"])
         assert f" {cfg['arch']} " in line and f"{size(memory)} {dtype}" in line
     assert r.stdout.strip() == config_table()
 
@@ -150,5 +179,6 @@ def test_weight_decay_switch_off_reaches_the_optimizer(tiny_cfg):
     decays = []
     for _ in range(4):
         train_step(trainer)
-        decays.append(sorted({g["weight_decay"] for g in trainer.optimizers[0].param_groups}))
+        decays.append(sorted({g["weight_decay"] for opt in trainer.optimizers
+                              for g in opt.param_groups}))
     assert decays == [[0.0, 0.1], [0.0, 0.1], [0.0], [0.0]]

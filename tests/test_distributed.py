@@ -19,6 +19,7 @@ COMMON = ["--device=cpu", "--backend=gloo", "--n_layer=2", "--n_head=2", "--n_em
           "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=2",
           "--lr_decay_iters=20", "--warmup_iters=2", "--eval_interval=5", "--eval_iters=2",
           "--learning_rate=3e-3"]
+ADAMW = "--optimizer=adamw"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
@@ -38,8 +39,16 @@ def train(out, data_dir, *args, launcher=(sys.executable,)):
 
 @pytest.fixture(scope="module")
 def one_process(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one")
-    return out, train(out, data_dir, "--max_iters=20")
+    """one_process(optimizer) -> (out_dir, val metrics) of the 1-process run, trained once."""
+    runs = {}
+
+    def run(optimizer):
+        if optimizer not in runs:
+            out = tmp_path_factory.mktemp(f"one-{optimizer}")
+            runs[optimizer] = out, train(out, data_dir, "--max_iters=20",
+                                         f"--optimizer={optimizer}")
+        return runs[optimizer]
+    return run
 
 
 def assert_same_run(a_dir, a, b_dir, b, tol=1e-4):
@@ -53,24 +62,24 @@ def assert_same_run(a_dir, a, b_dir, b, tol=1e-4):
         torch.testing.assert_close(one[k], two[k], atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(mode, one_process, data_dir, tmp_path):
-    one_dir, one = one_process
+@pytest.mark.parametrize("mode,optimizer", [("ddp", "muon"), ("fsdp", "adamw")])
+def test_two_processes_match_one(mode, optimizer, one_process, data_dir, tmp_path):
+    one_dir, one = one_process(optimizer)
     assert one[-1]["val_loss"] < one[0]["val_loss"] - 0.3  # it did learn
     two = train(tmp_path, data_dir, "--max_iters=20", f"--fsdp={mode == 'fsdp'}",
-                launcher=TORCHRUN)
+                f"--optimizer={optimizer}", launcher=TORCHRUN)
     assert_same_run(one_dir, one, tmp_path, two)
 
 
 def test_fsdp_checkpoint_resumes_with_and_without_fsdp(one_process, data_dir, tmp_path):
-    one_dir, one = one_process
-    train(tmp_path / "a", data_dir, "--max_iters=10", "--fsdp=True", launcher=TORCHRUN)
+    one_dir, _ = one_process("adamw")  # FSDP shards AdamW's state; Muon needs whole matrices
+    train(tmp_path / "a", data_dir, "--max_iters=10", "--fsdp=True", ADAMW, launcher=TORCHRUN)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "ckpt.pt").write_bytes((tmp_path / "a" / "ckpt.pt").read_bytes())
-    train(tmp_path / "a", data_dir, "--max_iters=20", "--fsdp=True", "--init_from=resume",
+    train(tmp_path / "a", data_dir, "--max_iters=20", "--fsdp=True", "--init_from=resume", ADAMW,
           launcher=TORCHRUN)
     # the same checkpoint, resumed by one process without FSDP (2x the accumulation)
-    train(tmp_path / "b", data_dir, "--max_iters=20", "--init_from=resume",
+    train(tmp_path / "b", data_dir, "--max_iters=20", "--init_from=resume", ADAMW,
           "--gradient_accumulation_steps=2")
     final = load_checkpoint(one_dir / "ckpt.pt")
     for run in ("a", "b"):

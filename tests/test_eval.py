@@ -86,7 +86,8 @@ def trained(data_dir, tmp_path_factory):
                compile=False, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, ffn_hidden=128,
                block_size=64, batch_size=16, max_iters=STEPS, lr_decay_iters=STEPS,
                warmup_iters=10, eval_interval=STEPS, eval_iters=2, log_interval=STEPS,
-               learning_rate=5e-3, subln=True, tie_embeddings=True)
+               learning_rate=5e-3, subln=True, tie_embeddings=True,
+               optimizer="adamw", lr_schedule="cosine")  # the weights the tolerances were set on
     train(resolve(cfg))
     export_main([f"--out_dir={out}"])
     return out

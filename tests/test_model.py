@@ -73,7 +73,7 @@ def test_sampling_is_deterministic_for_a_generator_seed():
 
 def test_optimizer_groups():
     model = tiny()
-    cfg = dict(DEFAULTS, weight_decay=0.1, bit_lr_scale=3.0)
+    cfg = dict(DEFAULTS, weight_decay=0.1, bit_lr_scale=3.0, optimizer="adamw")
     [opt] = configure_optimizers(model, cfg, "cpu")
     bit, no_decay = opt.param_groups  # a tied GPT has no float 2-D weights outside embeddings
     assert (bit["weight_decay"], bit["lr_scale"]) == (0.1, 3.0)
@@ -83,3 +83,7 @@ def test_optimizer_groups():
     assert id(model.transformer.wte.weight) in ids and id(model.transformer.wpe.weight) in ids
     [float_opt] = configure_optimizers(tiny(bitlinear=False), cfg, "cpu")
     assert [g["lr_scale"] for g in float_opt.param_groups] == [1.0, 1.0]  # no BitLinear
+    muon, adamw = configure_optimizers(model, dict(cfg, optimizer="muon"), "cpu")
+    [bit] = muon.param_groups  # Muon takes exactly the blocks' linears, AdamW the rest
+    assert (bit["weight_decay"], bit["lr_scale"], len(bit["params"])) == (0.1, 3.0, 2 * 4)
+    assert {id(p) for p in adamw.param_groups[0]["params"]} == ids

@@ -255,6 +255,8 @@ def test_bad_settings_are_one_line(tiny_cfg):
     for key, value, match in (("optimizer", "sgd", "optimizer 'sgd' is not one of"),
                               ("lr_schedule", "linear", "lr_schedule 'linear'"),
                               ("wsd_decay", 0.0, "wsd_decay must be in"),
+                              ("fsdp", True, "fsdp=True holds shards of them: add "
+                                             "--optimizer=adamw"),
                               ("bit_warmup_iters", -1, "bit_warmup_iters must be at least 0"),
                               ("distill_temperature", 0.0, "distill_temperature must be positive"),
                               ("bit_warmup_iters", tiny_cfg["max_iters"] + 1,

@@ -255,7 +255,8 @@ def step_memory(c):
     if meta is None:
         raise StepFailed(f"{c.data / cfg['dataset']} is not prepared (the train step prepares it)")
     args = dict(model_args(cfg["arch"], cfg), vocab_size=meta["vocab_size"])
-    need = training_memory(cfg["arch"], args, cfg["batch_size"], cfg["dtype"])
+    need = training_memory(cfg["arch"], args, cfg["batch_size"], cfg["dtype"],
+                           optimizer=cfg["optimizer"])
     return {"memory_estimate_mib": need / 2**20}
 
 
