@@ -36,7 +36,8 @@ VARIANTS = {
 def train_variant(tiny_cfg, variant, iters=30):
     """A tiny model of the variant trained a few steps on Tiny Shakespeare, in eval mode."""
     cfg = dict(tiny_cfg, **VARIANTS[variant], max_iters=iters, lr_decay_iters=iters,
-               eval_interval=iters, learning_rate=3e-3)
+               eval_interval=iters, learning_rate=3e-3,
+               optimizer="adamw", lr_schedule="cosine")  # the weights the tolerances were set on
     train(cfg)
     return model_from_checkpoint(load_checkpoint(f"{cfg['out_dir']}/ckpt.pt")).eval()
 
