@@ -111,6 +111,7 @@ def test_memory_estimate_counts_the_moments_a_muon_step_keeps(arch):
     assert kept["adamw"] - kept["muon"] > 0
     assert estimate["adamw"] - estimate["muon"] == kept["adamw"] - kept["muon"]
 
+
 @pytest.mark.parametrize("bitlinear", [True, False])
 def test_weight_bytes_counts_ternary_weights_at_their_bits(bitlinear):
     """A GPT block holds 12 C^2 linear weights (qkv 3, proj 1, fc 4, proj 4): ternary at 2 or
